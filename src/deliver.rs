@@ -1,0 +1,189 @@
+//! One HTTP attempt: POST a signed body to a URL and say how it went.
+//!
+//! Blocking (ureq), meant to run on the dispatcher's worker threads, never on
+//! the async runtime. Knows nothing of storage or scheduling. The agent is
+//! configured the way a webhook sender needs: no redirects followed, no
+//! proxy from the environment, per-phase timeouts (a global timeout makes
+//! ureq resolve on a fresh thread per request), a keep-alive pool, and a
+//! resolver that refuses non-public addresses unless allowed, so the check
+//! applies to the addresses actually dialled.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+
+use crate::target;
+
+/// Bytes of a response body read (and so the most a receiver can make us read).
+const READ_CAP: u64 = 4096;
+/// Bytes of a response body kept in the attempt log.
+const KEEP_CAP: usize = 1024;
+
+pub const USER_AGENT: &str = concat!("nexor-webhookd/", env!("CARGO_PKG_VERSION"));
+
+/// How an attempt ended, coarsely: for logs, metrics and the retry decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Success,
+    HttpStatus,
+    Timeout,
+    Connect,
+    Blocked,
+    Other,
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub class: Class,
+    pub status_code: Option<u16>,
+    /// A reason a person understands, for every failure.
+    pub error: Option<String>,
+    pub response_body: String,
+    pub duration: Duration,
+}
+
+pub struct Sender {
+    agent: ureq::Agent,
+    timeout: Duration,
+}
+
+impl Sender {
+    pub fn new(timeout: Duration, allow_private: bool, pool_size: usize) -> Sender {
+        let t = Some(timeout);
+        let config = ureq::Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .proxy(None)
+            .user_agent(USER_AGENT)
+            .max_idle_connections(pool_size * 2)
+            .max_idle_connections_per_host(pool_size)
+            .timeout_connect(t)
+            .timeout_send_request(t)
+            .timeout_send_body(t)
+            .timeout_recv_response(t)
+            .timeout_recv_body(t)
+            .build();
+        let resolver = GuardedResolver {
+            allow_private,
+            inner: DefaultResolver::default(),
+        };
+        Sender {
+            agent: ureq::Agent::with_parts(config, DefaultConnector::default(), resolver),
+            timeout,
+        }
+    }
+
+    /// POSTs `body` with `headers`; any 2xx is success.
+    pub fn post(&self, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+        let start = Instant::now();
+        let mut req = self.agent.post(url);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let (class, status_code, error, response_body) = match req.send(body) {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let mut buf = Vec::new();
+                // The status decides the outcome; a body that fails to arrive
+                // in full only shortens what we keep of it.
+                let _ = resp
+                    .body_mut()
+                    .as_reader()
+                    .take(READ_CAP)
+                    .read_to_end(&mut buf);
+                buf.truncate(KEEP_CAP);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if (200..300).contains(&status) {
+                    (Class::Success, Some(status), None, text)
+                } else {
+                    (
+                        Class::HttpStatus,
+                        Some(status),
+                        Some(format!("HTTP {status}")),
+                        text,
+                    )
+                }
+            }
+            Err(e) => {
+                let (class, reason) = explain(&e, self.timeout);
+                (class, None, Some(reason), String::new())
+            }
+        };
+        Answer {
+            class,
+            status_code,
+            error,
+            response_body,
+            duration: start.elapsed(),
+        }
+    }
+}
+
+/// Turns a ureq error into words for the attempt log.
+fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
+    use std::io::ErrorKind;
+    let timed_out = || {
+        (
+            Class::Timeout,
+            format!("timed out after {}", humantime::format_duration(timeout)),
+        )
+    };
+    match e {
+        ureq::Error::Timeout(_) => timed_out(),
+        ureq::Error::Io(io) => match io.kind() {
+            ErrorKind::PermissionDenied if io.to_string().starts_with("blocked:") => {
+                (Class::Blocked, io.to_string())
+            }
+            ErrorKind::ConnectionRefused => (Class::Connect, "connection refused".into()),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                (Class::Connect, "connection reset".into())
+            }
+            ErrorKind::UnexpectedEof => {
+                (Class::Connect, "connection closed before a response".into())
+            }
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => timed_out(),
+            _ => (Class::Connect, io.to_string()),
+        },
+        ureq::Error::HostNotFound => (Class::Connect, "host not found".into()),
+        ureq::Error::ConnectionFailed => (Class::Connect, "connection failed".into()),
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => (Class::Connect, format!("TLS error: {e}")),
+        _ => (Class::Other, e.to_string()),
+    }
+}
+
+/// Resolves as usual, then refuses to hand the connector any address that is
+/// not public (unless allowed). Checking here, not on the URL, closes the
+/// DNS-rebinding gap: the connector dials only what this returns.
+#[derive(Debug)]
+struct GuardedResolver {
+    allow_private: bool,
+    inner: DefaultResolver,
+}
+
+impl Resolver for GuardedResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        if !self.allow_private {
+            if let Some((addr, why)) = addrs
+                .iter()
+                .find_map(|a: &SocketAddr| Some((a, target::blocked_reason(a.ip())?)))
+            {
+                let msg = format!("blocked: {} is {why}", addr.ip());
+                return Err(ureq::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    msg,
+                )));
+            }
+        }
+        Ok(addrs)
+    }
+}

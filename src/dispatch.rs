@@ -1,0 +1,285 @@
+//! The delivery engine: turns due entries into attempts and attempts into
+//! stored outcomes.
+//!
+//! One async task owns the [`schedule::Queue`]. It sleeps until the earliest
+//! due time, a refill point, or a message (new deliveries from ingest,
+//! finished attempts from workers), whichever comes first: a timer, not a
+//! polling loop. Due deliveries go to a bounded pool of plain threads that
+//! run the blocking HTTP attempt ([`deliver`]), record the outcome through the
+//! store's committer and report back. A delivery stays in the stored due
+//! index until its outcome is recorded, so one in flight when the process
+//! dies is attempted again after restart (at-least-once).
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::clock;
+use crate::config::Config;
+use crate::deliver::{self, Class, Sender};
+use crate::event::{self, Envelope};
+use crate::schedule::{self, Queue};
+use crate::sign;
+use crate::store::{Attempt, DeliveryKey, Due, Outcome, Status, Store};
+
+/// How far ahead due entries are held in memory.
+const WINDOW: Duration = Duration::from_secs(30);
+/// Most due entries held in memory at once.
+const CAPACITY: usize = 50_000;
+/// How soon to retry after storage failed to record an outcome.
+const STORE_RETRY_MS: u64 = 1_000;
+
+enum Msg {
+    Scheduled(Vec<Due>),
+    Finished(DeliveryKey, Option<Due>),
+}
+
+/// Cheap-to-clone handle for telling the engine about new due deliveries.
+#[derive(Clone)]
+pub struct Dispatcher {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Dispatcher {
+    /// `due` was just stored; attempt it when its time comes.
+    pub fn scheduled(&self, due: Vec<Due>) {
+        // A closed channel means the engine is stopping; the entries are
+        // stored and will be picked up at the next start.
+        let _ = self.tx.send(Msg::Scheduled(due));
+    }
+}
+
+/// The running engine, for an orderly stop.
+pub struct Engine {
+    pub handle: Dispatcher,
+    shutdown: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+struct Worker {
+    store: Store,
+    config: Arc<Config>,
+    sender: Arc<Sender>,
+}
+
+pub fn start(store: Store, config: Arc<Config>) -> Engine {
+    let n = config.delivery.workers;
+    let sender = Arc::new(Sender::new(
+        config.delivery.timeout,
+        config.delivery.allow_private_targets,
+        n,
+    ));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeliveryKey>(n);
+    let workers = (0..n)
+        .map(|i| {
+            let w = Worker {
+                store: store.clone(),
+                config: config.clone(),
+                sender: sender.clone(),
+            };
+            let jobs = jobs_rx.clone();
+            let done = tx.clone();
+            thread::Builder::new()
+                .name(format!("deliver-{i}"))
+                .spawn(move || {
+                    for key in jobs {
+                        let _ = done.send(Msg::Finished(key, w.attempt(key)));
+                    }
+                })
+                .expect("spawn delivery worker")
+        })
+        .collect();
+    let shutdown = Arc::new(Notify::new());
+    let task = tokio::spawn(run(store, rx, jobs_tx, n, shutdown.clone()));
+    Engine {
+        handle: Dispatcher { tx },
+        shutdown,
+        task,
+        workers,
+    }
+}
+
+impl Engine {
+    /// Stops handing out work, lets attempts in flight finish for up to
+    /// `grace`, and returns. Whatever did not finish stays due in the store.
+    pub async fn stop(self, grace: Duration) {
+        self.shutdown.notify_one();
+        let _ = self.task.await;
+        let workers = self.workers;
+        let joined =
+            tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())));
+        if tokio::time::timeout(grace, joined).await.is_err() {
+            tracing::warn!(
+                "attempts still in flight after {grace:?}; they will be retried at the next start"
+            );
+        }
+    }
+}
+
+async fn run(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    jobs: crossbeam_channel::Sender<DeliveryKey>,
+    max_in_flight: usize,
+    shutdown: Arc<Notify>,
+) {
+    let mut queue = Queue::new(WINDOW, CAPACITY);
+    let mut store_failing_until = 0;
+    loop {
+        let now = clock::now_ms() as u64;
+        if now >= store_failing_until {
+            if let Err(e) = refill(&store, &mut queue, now) {
+                tracing::error!(error = %e, "cannot read the due index; retrying in 1s");
+                store_failing_until = now + STORE_RETRY_MS;
+            }
+        }
+        while queue.in_flight() < max_in_flight {
+            let Some(key) = queue.pop_due(now) else { break };
+            if jobs.send(key).is_err() {
+                return;
+            }
+        }
+        let mut wake = queue.next_wake(queue.in_flight() < max_in_flight);
+        if store_failing_until > now {
+            wake = Some(wake.map_or(store_failing_until, |w| w.min(store_failing_until)));
+        }
+        let sleep_for = wake.map(|w| Duration::from_millis(w.saturating_sub(now)));
+        let deadline = Instant::now() + sleep_for.unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                handle(&mut queue, msg);
+                while let Ok(msg) = rx.try_recv() {
+                    handle(&mut queue, msg);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.notified() => return,
+        }
+    }
+}
+
+fn handle(queue: &mut Queue, msg: Msg) {
+    match msg {
+        Msg::Scheduled(due) => due.into_iter().for_each(|d| queue.insert(d)),
+        Msg::Finished(key, next) => queue.finished(key, next),
+    }
+}
+
+fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), crate::store::StoreError> {
+    while let Some(r) = queue.refill(now) {
+        let entries = store.scan_due(r.from, r.until_ms, r.limit)?;
+        let next = if entries.len() < r.limit {
+            store.first_due_from(Due::at(r.until_ms + 1))?
+        } else {
+            None
+        };
+        queue.refilled(r, entries, next);
+    }
+    Ok(())
+}
+
+impl Worker {
+    /// Makes one attempt of `key` (or cancels it) and records the outcome.
+    /// Returns the stored next due entry.
+    fn attempt(&self, key: DeliveryKey) -> Option<Due> {
+        let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
+            (Ok(Some(e)), Ok(Some(d))) => (e, d),
+            (e, d) => {
+                tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, "cannot load a due delivery; skipping it until restart");
+                return None;
+            }
+        };
+        if !matches!(delivery.status, Status::Pending | Status::Retrying) {
+            return None;
+        }
+        let (attempt, status, next_attempt_at) = match self
+            .config
+            .webhook(&key.webhook)
+            .filter(|w| w.enabled)
+        {
+            None => {
+                tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, "webhook removed or disabled; delivery cancelled");
+                (None, Status::Cancelled, None)
+            }
+            Some(webhook) => {
+                let delivery_id = Uuid::new_v4();
+                let body = event::envelope(&Envelope {
+                    event_type: event.event_type,
+                    event_id: event.event_id,
+                    webhook_id: webhook.id,
+                    delivery_id,
+                    timestamp_ms: event.timestamp_ms,
+                    client_id: event.client_id,
+                    test: event.test,
+                    data: &event.data,
+                });
+                let started_at_ms = clock::now_ms();
+                let ts = (started_at_ms / 1000).to_string();
+                let signature =
+                    sign::header([webhook.secret.expose()], started_at_ms / 1000, &body);
+                let (did, wid) = (delivery_id.to_string(), webhook.id.to_string());
+                let headers = [
+                    ("Content-Type", "application/json"),
+                    ("X-Nexor-Event", event.event_type.as_str()),
+                    ("X-Nexor-Delivery-ID", did.as_str()),
+                    ("X-Nexor-Timestamp", ts.as_str()),
+                    ("X-Nexor-Webhook-ID", wid.as_str()),
+                    ("X-Nexor-Signature", signature.as_str()),
+                    ("User-Agent", deliver::USER_AGENT),
+                ];
+                let answer = self.sender.post(&webhook.url, &headers, &body);
+                let duration_ms = answer.duration.as_millis() as u64;
+                let (status, next) = schedule::after_attempt(
+                    answer.class == Class::Success,
+                    delivery.attempts.len(),
+                    &self.config.delivery.retry_schedule,
+                    started_at_ms + duration_ms as i64,
+                );
+                tracing::info!(
+                    webhook_id = %webhook.id,
+                    event_id = %event.event_id,
+                    delivery_id = %delivery_id,
+                    status_code = answer.status_code,
+                    error = answer.error.as_deref(),
+                    duration_ms,
+                    outcome = status.as_str(),
+                    "attempt"
+                );
+                let attempt = Attempt {
+                    delivery_id,
+                    started_at_ms,
+                    duration_ms,
+                    status_code: answer.status_code,
+                    error: answer.error,
+                    response_body: answer.response_body,
+                };
+                (Some(attempt), status, next)
+            }
+        };
+        match self.store.record_blocking(Outcome {
+            key,
+            attempt,
+            status,
+            next_attempt_at,
+        }) {
+            Ok(()) => next_attempt_at.map(|at| Due {
+                at_ms: at as u64,
+                key,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record an attempt; it will be made again");
+                Some(Due {
+                    at_ms: clock::now_ms() as u64 + STORE_RETRY_MS,
+                    key,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The event vocabulary and the two wire forms of an event: what the
+//! application posts to `POST /v1/events`, and the envelope a receiver gets.
+//!
+//! Pure parsing and formatting, no I/O: the API calls [`parse_ingest`] and the
+//! delivery workers call [`envelope`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::clock;
+
+/// The six event types of the contract, and only these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    WorkflowRunStatusChanged,
+    MeetingScheduled,
+    MeetingConfirmed,
+    MeetingCancelled,
+    MeetingCompleted,
+    MeetingNoShow,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::WorkflowRunStatusChanged,
+        EventType::MeetingScheduled,
+        EventType::MeetingConfirmed,
+        EventType::MeetingCancelled,
+        EventType::MeetingCompleted,
+        EventType::MeetingNoShow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::WorkflowRunStatusChanged => "workflow_run.status_changed",
+            EventType::MeetingScheduled => "meeting.scheduled",
+            EventType::MeetingConfirmed => "meeting.confirmed",
+            EventType::MeetingCancelled => "meeting.cancelled",
+            EventType::MeetingCompleted => "meeting.completed",
+            EventType::MeetingNoShow => "meeting.no_show",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+/// A validated ingest request. `data` is the caller's JSON object, byte for
+/// byte, so receivers get it untouched.
+#[derive(Debug)]
+pub struct Ingest {
+    pub event_type: EventType,
+    pub client_id: Uuid,
+    pub data: String,
+    pub event_id: Option<Uuid>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why an ingest body was refused; the API maps these to 400 and 422.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IngestError {
+    /// Not JSON at all (400).
+    Unparseable(String),
+    /// JSON, but a field is missing or wrong (422).
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl IngestError {
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        IngestError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest<'a> {
+    #[serde(borrow)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    client_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+}
+
+/// Validates a `POST /v1/events` body.
+pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
+    let raw: RawIngest = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => IngestError::invalid("body", e.to_string()),
+        _ => IngestError::Unparseable(e.to_string()),
+    })?;
+
+    let event_type = required_str(raw.event_type, "event_type")?;
+    let event_type = EventType::parse(&event_type).ok_or_else(|| {
+        IngestError::invalid(
+            "event_type",
+            format!(
+                "unknown event type {event_type:?}; expected one of {}",
+                type_list()
+            ),
+        )
+    })?;
+    let client_id = parse_uuid(&required_str(raw.client_id, "client_id")?, "client_id")?;
+    let data = match raw.data {
+        None => return Err(IngestError::invalid("data", "missing field `data`")),
+        Some(d) if d.get().starts_with('{') => d.get().to_owned(),
+        Some(_) => return Err(IngestError::invalid("data", "`data` must be a JSON object")),
+    };
+    let event_id = optional_str(raw.event_id, "event_id")?
+        .map(|s| parse_uuid(&s, "event_id"))
+        .transpose()?;
+    let timestamp_ms = optional_str(raw.timestamp, "timestamp")?
+        .map(|s| {
+            clock::parse_rfc3339_ms(&s).ok_or_else(|| {
+                IngestError::invalid("timestamp", format!("{s:?} is not an RFC 3339 timestamp"))
+            })
+        })
+        .transpose()?;
+    Ok(Ingest {
+        event_type,
+        client_id,
+        data,
+        event_id,
+        timestamp_ms,
+    })
+}
+
+fn type_list() -> String {
+    EventType::ALL.map(EventType::as_str).join(", ")
+}
+
+fn required_str(v: Option<&RawValue>, field: &'static str) -> Result<String, IngestError> {
+    optional_str(v, field)?
+        .ok_or_else(|| IngestError::invalid(field, format!("missing field `{field}`")))
+}
+
+/// A string field, where `null` counts as absent.
+fn optional_str(v: Option<&RawValue>, field: &'static str) -> Result<Option<String>, IngestError> {
+    match v {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| IngestError::invalid(field, format!("`{field}` must be a string"))),
+    }
+}
+
+fn parse_uuid(s: &str, field: &'static str) -> Result<Uuid, IngestError> {
+    // Only the canonical hyphenated form: ids are compared as text by receivers.
+    if s.len() != 36 {
+        return Err(IngestError::invalid(field, format!("{s:?} is not a uuid")));
+    }
+    Uuid::parse_str(s).map_err(|_| IngestError::invalid(field, format!("{s:?} is not a uuid")))
+}
+
+/// The parts of one attempt's envelope.
+pub struct Envelope<'a> {
+    pub event_type: EventType,
+    pub event_id: Uuid,
+    pub webhook_id: Uuid,
+    pub delivery_id: Uuid,
+    pub timestamp_ms: i64,
+    pub client_id: Uuid,
+    pub test: bool,
+    pub data: &'a str,
+}
+
+/// The JSON body of one attempt: exactly the contract's eight keys, in its
+/// order, with `data` spliced in as the bytes the application sent.
+pub fn envelope(e: &Envelope) -> Vec<u8> {
+    format!(
+        r#"{{"event_type":"{}","event_id":"{}","webhook_id":"{}","delivery_id":"{}","timestamp":"{}","client_id":"{}","test":{},"data":{}}}"#,
+        e.event_type.as_str(),
+        e.event_id,
+        e.webhook_id,
+        e.delivery_id,
+        clock::format_ms(e.timestamp_ms),
+        e.client_id,
+        e.test,
+        e.data
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10";
+
+    fn field_of(r: Result<Ingest, IngestError>) -> &'static str {
+        match r {
+            Err(IngestError::Invalid { field, .. }) => field,
+            other => panic!("expected a 422, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_full_event_and_keeps_data_bytes() {
+        let body = format!(
+            r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT}","data":{{"b":1, "a":[true]}},"event_id":"550e8400-e29b-41d4-a716-446655440000","timestamp":"2026-04-17T16:30:00Z"}}"#
+        );
+        let i = parse_ingest(body.as_bytes()).unwrap();
+        assert_eq!(i.event_type, EventType::MeetingScheduled);
+        assert_eq!(i.data, r#"{"b":1, "a":[true]}"#);
+        assert_eq!(i.timestamp_ms, Some(1_776_443_400_000));
+    }
+
+    #[test]
+    fn classifies_bad_input() {
+        assert!(matches!(
+            parse_ingest(b"{nope"),
+            Err(IngestError::Unparseable(_))
+        ));
+        assert!(matches!(
+            parse_ingest(b""),
+            Err(IngestError::Unparseable(_))
+        ));
+        let t = |s: &str| parse_ingest(s.replace("CLIENT", CLIENT).as_bytes());
+        assert_eq!(
+            field_of(t(r#"{"client_id":"CLIENT","data":{}}"#)),
+            "event_type"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.eaten","client_id":"CLIENT","data":{}}"#
+            )),
+            "event_type"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"nope","data":{}}"#
+            )),
+            "client_id"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":[1]}"#
+            )),
+            "data"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT"}"#
+            )),
+            "data"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"event_id":"x"}"#
+            )),
+            "event_id"
+        );
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"timestamp":"soon"}"#
+            )),
+            "timestamp"
+        );
+        assert_eq!(
+            field_of(t(r#"{"event_type":7,"client_id":"CLIENT","data":{}}"#)),
+            "event_type"
+        );
+        assert_eq!(field_of(t(r#"[1,2]"#)), "body");
+        assert_eq!(
+            field_of(t(
+                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"extra":1}"#
+            )),
+            "body"
+        );
+    }
+
+    #[test]
+    fn envelope_has_the_eight_keys_in_order() {
+        let id = Uuid::nil();
+        let body = envelope(&Envelope {
+            event_type: EventType::MeetingNoShow,
+            event_id: id,
+            webhook_id: id,
+            delivery_id: id,
+            timestamp_ms: 0,
+            client_id: id,
+            test: true,
+            data: r#"{"x":"y"}"#,
+        });
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        let mut expected = vec![
+            "client_id",
+            "data",
+            "delivery_id",
+            "event_id",
+            "event_type",
+            "test",
+            "timestamp",
+            "webhook_id",
+        ];
+        expected.sort();
+        assert_eq!(keys, expected);
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["event_type"], "meeting.no_show");
+        assert_eq!(v["test"], true);
+        assert_eq!(v["data"]["x"], "y");
+    }
+}
