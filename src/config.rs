@@ -514,8 +514,7 @@ events = ["meeting.scheduled"]
 
     fn errors(text: &str) -> Vec<(Option<usize>, String)> {
         parse(text, Path::new("/etc"))
-            .err()
-            .expect("config should be rejected")
+            .expect_err("config should be rejected")
             .into_iter()
             .map(|p| (p.line, p.message))
             .collect()

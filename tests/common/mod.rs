@@ -1,0 +1,359 @@
+//! Test harness: the real daemon binary on a temp sled directory, and real
+//! HTTP receivers on loopback that record every request they get.
+#![allow(dead_code)] // each test file uses its own part of the harness
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+pub const CLIENT_A: &str = "6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10";
+pub const CLIENT_B: &str = "0d2b7f4c-93a1-4b0e-8f7d-2e5c9a1b3c4d";
+
+/// Waits until `cond` holds, or panics after `limit` saying what was awaited.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One request as a receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+    pub answered: u16,
+}
+
+impl Hit {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("delivery body is JSON")
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+}
+
+/// A loopback HTTP receiver. How it answers depends on the path's first
+/// segment: `/ok/…` 200, `/fail/…` 500, `/flaky/N/…` 503 for the first N
+/// requests on that path then 200, `/each/N/…` 500 for the first N requests
+/// of each event_id on that path,
+/// `/hang/…` waits 5 s, `/redirect/…` 302 to `/ok/redirected`.
+#[derive(Clone)]
+pub struct Receiver {
+    pub base: String,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    counts: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let r = Receiver {
+            base,
+            hits: Default::default(),
+            counts: Default::default(),
+        };
+        let state = r.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(answer).with_state(state);
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        r
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    pub fn hits_on(&self, path: &str) -> Vec<Hit> {
+        self.hits().into_iter().filter(|h| h.path == path).collect()
+    }
+}
+
+async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let n = {
+        let mut counts = r.counts.lock().unwrap();
+        let c = counts.entry(path.clone()).or_default();
+        *c += 1;
+        *c
+    };
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (status, extra): (u16, Option<(&str, &str)>) = match parts.next() {
+        Some("fail") => (500, None),
+        Some("flaky") => {
+            let first_failures: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+            (if n <= first_failures { 503 } else { 200 }, None)
+        }
+        Some("each") => {
+            let first_failures: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+            let event_id = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .map(|v| v["event_id"].to_string());
+            let mut counts = r.counts.lock().unwrap();
+            let c = counts
+                .entry(format!("{path} {}", event_id.unwrap_or_default()))
+                .or_default();
+            *c += 1;
+            (if *c <= first_failures { 500 } else { 200 }, None)
+        }
+        Some("hang") => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            (200, None)
+        }
+        Some("redirect") => (302, Some(("location", "/ok/redirected"))),
+        _ => (200, None),
+    };
+    r.hits.lock().unwrap().push(Hit {
+        path,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        body: body.to_vec(),
+        at: Instant::now(),
+        answered: status,
+    });
+    let status = StatusCode::from_u16(status).unwrap();
+    match extra {
+        Some((k, v)) => (status, [(k, v)], format!("answer {status}")).into_response(),
+        None => (status, format!("answer {status}")).into_response(),
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `[[webhooks]]` table.
+pub fn webhook(id: &str, client: &str, url: &str, events: &str) -> String {
+    format!(
+        "[[webhooks]]\nid = \"{id}\"\nclient_id = \"{client}\"\nurl = \"{url}\"\nsecret = \"whsec_{id}\"\nevents = {events}\n\n"
+    )
+}
+
+/// The real `nexor-webhookd` binary running on a temp directory.
+pub struct Daemon {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    agent: ureq::Agent,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nexor-webhookd")
+}
+
+impl Daemon {
+    /// Starts the daemon with `[server]` and `[storage]` filled in and `rest`
+    /// (delivery settings, webhooks) appended.
+    pub fn start(server_extra: &str, rest: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_extra}\n\n[storage]\npath = \"{}\"\n\n{rest}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        let mut d = Daemon {
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            child: None,
+            agent,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                panic!("daemon exited with {status} during start:\n{}", self.log());
+            }
+            if self.get("/healthz").0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not healthy in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or finish anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap().code()
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (u16, Value) {
+        let url = format!("{}{}", self.base, path);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let result = match method {
+            "GET" => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("content-type", "application/json");
+                if let Some(a) = &auth {
+                    r = r.header("authorization", a);
+                }
+                r.send(body.unwrap_or(b""))
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let text = resp.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.request("GET", path, None, None)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.request("POST", path, None, Some(body.as_bytes()))
+    }
+
+    /// Posts an event for `client`; returns the status and the answer.
+    pub fn send(&self, event_type: &str, client: &str, data: &str) -> (u16, Value) {
+        self.post(
+            "/v1/events",
+            &format!(r#"{{"event_type":"{event_type}","client_id":"{client}","data":{data}}}"#),
+        )
+    }
+
+    pub fn event(&self, event_id: &str) -> Value {
+        let (status, v) = self.get(&format!("/v1/events/{event_id}"));
+        assert_eq!(status, 200, "GET event {event_id}: {v}");
+        v
+    }
+
+    /// Waits until every delivery of the event has one of `statuses`.
+    pub fn wait_settled(&self, event_id: &str, statuses: &[&str], limit: Duration) -> Value {
+        let mut last = Value::Null;
+        wait_for(&format!("event {event_id} to settle"), limit, || {
+            last = self.event(event_id);
+            last["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| statuses.contains(&d["status"].as_str().unwrap()))
+        });
+        last
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::File::create(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
