@@ -2,7 +2,8 @@
 //!
 //! `run` wires the pieces in the order data flows — config, store, delivery
 //! engine, HTTP API — and takes them down in reverse on SIGTERM or SIGINT.
-//! `check-config` runs the same validation as `run` and exits.
+//! `check-config` runs the same validation as `run` and exits. `receive` and
+//! `verify` are tools for the receiving side.
 
 mod api;
 mod clock;
@@ -10,12 +11,13 @@ mod config;
 mod deliver;
 mod dispatch;
 mod event;
+mod receive;
 mod schedule;
 mod sign;
 mod store;
 mod target;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,6 +53,42 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run a local receiver that verifies and prints each delivery.
+    Receive {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// The webhook's secret.
+        #[arg(long)]
+        secret: String,
+        /// Largest accepted distance between X-Nexor-Timestamp and this clock.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        tolerance: Duration,
+        /// Also print each envelope as pretty JSON.
+        #[arg(long)]
+        verbose: bool,
+        /// Answer every verified delivery with this status.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Answer this fraction (0 to 1) of verified deliveries with 503.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+    },
+    /// Check one delivery's signature: exit 0 when valid, 1 with the reason when not.
+    Verify {
+        #[arg(long)]
+        secret: String,
+        /// The X-Nexor-Timestamp header.
+        #[arg(long)]
+        timestamp: String,
+        /// The X-Nexor-Signature header (one or more comma-separated v1= entries).
+        #[arg(long)]
+        signature: String,
+        /// The raw request body: a file, or - for standard input.
+        #[arg(long, default_value = "-")]
+        body: String,
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        tolerance: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +104,68 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Receive {
+            listen,
+            secret,
+            tolerance,
+            verbose,
+            status,
+            fail_rate,
+        } => {
+            let opts = receive::Options {
+                listen,
+                secret,
+                tolerance,
+                verbose,
+                status,
+                fail_rate,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match rt
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(receive::run(opts)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nexor-webhookd receive: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Verify {
+            secret,
+            timestamp,
+            signature,
+            body,
+            tolerance,
+        } => {
+            let bytes = match read_body(&body) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("cannot read the body from {body}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match sign::verify(
+                &secret,
+                &signature,
+                &timestamp,
+                &bytes,
+                tolerance,
+                clock::now_ms() / 1000,
+            ) {
+                Ok(()) => {
+                    println!("valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("invalid: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             init_logging();
             match run(&config) {
@@ -77,6 +177,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn read_body(source: &str) -> std::io::Result<Vec<u8>> {
+    if source == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else {
+        std::fs::read(source)
     }
 }
 

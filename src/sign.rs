@@ -4,6 +4,9 @@
 //! `HMAC-SHA256(secret, "<unix seconds>.<raw body>")`. While a secret is being
 //! rotated the header carries one `v1=` signature per valid secret,
 //! comma-separated; receivers accept the request if any one matches.
+//! [`verify`] is that receiver side, used by `receive` and `verify`.
+
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -31,6 +34,56 @@ pub fn header<'a>(
         .map(|s| signature(s, timestamp, body))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Why a request's signature was not accepted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("timestamp {0:?} is not unix seconds")]
+    BadTimestamp(String),
+    #[error("timestamp is {0}s away from this clock, more than the tolerance")]
+    Stale(i64),
+    #[error("no v1= signature in the header")]
+    NoSignature,
+    #[error("no signature matches the secret")]
+    NoMatch,
+}
+
+/// Checks a `X-Nexor-Signature` header the way a receiver must: the
+/// timestamp within `tolerance` of `now_secs`, and any one `v1=` entry equal
+/// (in constant time) to the HMAC of `"<timestamp>.<body>"`.
+pub fn verify(
+    secret: &str,
+    header: &str,
+    timestamp: &str,
+    body: &[u8],
+    tolerance: Duration,
+    now_secs: i64,
+) -> Result<(), VerifyError> {
+    let ts: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| VerifyError::BadTimestamp(timestamp.to_owned()))?;
+    let skew = now_secs - ts;
+    if skew.unsigned_abs() > tolerance.as_secs() {
+        return Err(VerifyError::Stale(skew));
+    }
+    let candidates: Vec<Vec<u8>> = header
+        .split(',')
+        .filter_map(|part| part.trim().strip_prefix("v1="))
+        .filter_map(|hex_sig| hex::decode(hex_sig).ok())
+        .collect();
+    if candidates.is_empty() {
+        return Err(VerifyError::NoSignature);
+    }
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(ts.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let matches = candidates
+        .iter()
+        .any(|c| mac.clone().verify_slice(c).is_ok());
+    matches.then_some(()).ok_or(VerifyError::NoMatch)
 }
 
 #[cfg(test)]
@@ -66,6 +119,34 @@ mod tests {
             sig,
             format!("v1={}", hex::encode(mac.finalize().into_bytes()))
         );
+    }
+
+    #[test]
+    fn verify_accepts_any_matching_signature_within_tolerance() {
+        let tol = Duration::from_secs(300);
+        let h = header(["old", "new"], 1000, b"{}");
+        assert_eq!(verify("new", &h, "1000", b"{}", tol, 1100), Ok(()));
+        assert_eq!(verify("old", &h, "1000", b"{}", tol, 900), Ok(()));
+        assert_eq!(
+            verify("other", &h, "1000", b"{}", tol, 1000),
+            Err(VerifyError::NoMatch)
+        );
+        assert_eq!(
+            verify("new", &h, "1000", b"{ }", tol, 1000),
+            Err(VerifyError::NoMatch)
+        );
+        assert_eq!(
+            verify("new", &h, "1000", b"{}", tol, 1301),
+            Err(VerifyError::Stale(301))
+        );
+        assert_eq!(
+            verify("new", "v2=abc", "1000", b"{}", tol, 1000),
+            Err(VerifyError::NoSignature)
+        );
+        assert!(matches!(
+            verify("new", &h, "soon", b"{}", tol, 1000),
+            Err(VerifyError::BadTimestamp(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,137 @@
+//! `nexor-webhookd receive`: a local receiver for people integrating Nexor
+//! webhooks. It verifies each delivery's signature and timestamp with
+//! [`sign::verify`], prints one line per request, and can answer with
+//! failures on purpose so retries can be watched. It shares nothing with the
+//! daemon's state; it is a separate process on the other end of the wire.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+
+use crate::{clock, sign};
+
+pub struct Options {
+    pub listen: SocketAddr,
+    pub secret: String,
+    pub tolerance: Duration,
+    pub verbose: bool,
+    /// Answer this status to every verified request (default 200).
+    pub status: u16,
+    /// Fraction of verified requests answered 503 instead.
+    pub fail_rate: f64,
+}
+
+struct Receiver {
+    opts: Options,
+    rng: AtomicU64,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+    println!(
+        "listening on http://{} — point a webhook's url here",
+        listener.local_addr()?
+    );
+    let seed = clock::now_ms() as u64 | 1;
+    let state = Arc::new(Receiver {
+        opts,
+        rng: AtomicU64::new(seed),
+    });
+    let app = Router::new().fallback(handle).with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    println!("stopped");
+    Ok(())
+}
+
+async fn handle(
+    State(r): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let verdict = sign::verify(
+        &r.opts.secret,
+        header("x-nexor-signature"),
+        header("x-nexor-timestamp"),
+        &body,
+        r.opts.tolerance,
+        clock::now_ms() / 1000,
+    );
+    let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let field = |k: &str| envelope[k].as_str().unwrap_or("-").to_owned();
+    let (status, reply, outcome) = match &verdict {
+        Err(e) => (
+            StatusCode::UNAUTHORIZED,
+            "signature rejected\n",
+            format!("REJECTED: {e}"),
+        ),
+        Ok(()) if r.should_fail() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failing on purpose\n",
+            "verified, answered 503 on purpose".into(),
+        ),
+        Ok(()) => {
+            let status = StatusCode::from_u16(r.opts.status).unwrap_or(StatusCode::OK);
+            (
+                status,
+                "ok\n",
+                format!("verified, answered {}", status.as_u16()),
+            )
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{} {} event_id={} delivery_id={} webhook_id={}{} {}",
+        clock::format_ms(clock::now_ms()),
+        header("x-nexor-event"),
+        field("event_id"),
+        field("delivery_id"),
+        field("webhook_id"),
+        if envelope["test"] == true {
+            " (test)"
+        } else {
+            ""
+        },
+        outcome
+    );
+    if r.opts.verbose {
+        let pretty = serde_json::to_string_pretty(&envelope)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        let _ = writeln!(out, "{pretty}");
+    }
+    let _ = out.flush();
+    (status, reply)
+}
+
+impl Receiver {
+    /// xorshift64: enough randomness to fail a fraction of requests.
+    fn should_fail(&self) -> bool {
+        if self.opts.fail_rate <= 0.0 {
+            return false;
+        }
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+        unit < self.opts.fail_rate
+    }
+}
