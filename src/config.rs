@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,19 +18,18 @@ use toml::Spanned;
 use uuid::Uuid;
 
 use crate::event::EventType;
-use crate::target;
+use crate::{sign, target};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
 const DEFAULT_STORAGE: &str = "/var/lib/nexor-webhookd";
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_SCHEDULE: [Duration; 3] = [
-    Duration::from_secs(60),
-    Duration::from_secs(300),
-    Duration::from_secs(1800),
-];
+const DEFAULT_SCHEDULE: [Duration; 3] =
+    [Duration::from_secs(60), Duration::from_secs(300), Duration::from_secs(1800)];
 const DEFAULT_WORKERS: u64 = 64;
 const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
+const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// A validated configuration.
 #[derive(Debug)]
@@ -47,12 +47,18 @@ pub struct Server {
     pub listen: SocketAddr,
     pub api_token: Option<Secret>,
     pub max_body: usize,
+    /// How long a stop waits for requests and attempts in flight.
+    pub shutdown_grace: Duration,
+    /// The log filter when `RUST_LOG` is not set.
+    pub log_level: String,
 }
 
 #[derive(Debug)]
 pub struct Storage {
     pub path: PathBuf,
     pub cache_capacity: u64,
+    /// Final deliveries and their events are deleted this long after ingest.
+    pub retention: Duration,
 }
 
 #[derive(Debug)]
@@ -71,19 +77,21 @@ pub struct Webhook {
     pub secret: Secret,
     pub events: Events,
     pub enabled: bool,
+    /// Also send the Standard Webhooks headers, keyed by this (decoded) key.
+    pub standard_key: Option<Secret<Vec<u8>>>,
 }
 
 /// A string that never shows itself in `Debug` output or logs.
 #[derive(Clone)]
-pub struct Secret(String);
+pub struct Secret<T = String>(T);
 
-impl Secret {
-    pub fn expose(&self) -> &str {
+impl<T> Secret<T> {
+    pub fn expose(&self) -> &T {
         &self.0
     }
 }
 
-impl fmt::Debug for Secret {
+impl<T> fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
@@ -124,6 +132,53 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Settings of `self` that differ in `new` but only take effect at start.
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |differs: bool, name| {
+            if differs {
+                changed.push(name)
+            }
+        };
+        check(self.server.listen != new.server.listen, "[server] listen");
+        check(self.server.max_body != new.server.max_body, "[server] max_body");
+        check(self.server.log_level != new.server.log_level, "[server] log_level");
+        check(self.storage.path != new.storage.path, "[storage] path");
+        check(self.storage.cache_capacity != new.storage.cache_capacity, "[storage] cache_capacity");
+        check(self.delivery.workers != new.delivery.workers, "[delivery] workers");
+        changed
+    }
+
+    /// Webhooks of `self` that are gone or disabled in `new`.
+    pub fn stopped_in(&self, new: &Config) -> HashSet<Uuid> {
+        self.webhooks
+            .iter()
+            .filter(|w| w.enabled && !new.webhook(&w.id).is_some_and(|n| n.enabled))
+            .map(|w| w.id)
+            .collect()
+    }
+}
+
+/// The configuration in force: a cheap-to-clone handle whose contents are
+/// swapped whole on reload, so every reader sees one consistent version.
+#[derive(Clone)]
+pub struct Shared(Arc<RwLock<Arc<Config>>>);
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared(Arc::new(RwLock::new(Arc::new(config))))
+    }
+
+    pub fn get(&self) -> Arc<Config> {
+        self.0.read().expect("config lock").clone()
+    }
+
+    pub fn set(&self, config: Config) {
+        *self.0.write().expect("config lock") = Arc::new(config);
+    }
+}
+
 /// Every problem found in one file.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -159,16 +214,10 @@ impl std::error::Error for ConfigError {}
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
-        problems: vec![Problem {
-            line: None,
-            message: format!("cannot read: {e}"),
-        }],
+        problems: vec![Problem { line: None, message: format!("cannot read: {e}") }],
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base).map_err(|problems| ConfigError {
-        file: path.to_owned(),
-        problems,
-    })
+    parse(&text, base).map_err(|problems| ConfigError { file: path.to_owned(), problems })
 }
 
 #[derive(Deserialize)]
@@ -190,6 +239,8 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     api_token: Option<Spanned<String>>,
     max_body: Option<Spanned<u64>>,
+    shutdown_grace: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,6 +248,7 @@ struct RawServer {
 struct RawStorage {
     path: Option<Spanned<String>>,
     cache_capacity: Option<Spanned<u64>>,
+    retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -218,6 +270,8 @@ struct RawWebhook {
     events: Spanned<Vec<Spanned<String>>>,
     #[serde(default = "yes")]
     enabled: bool,
+    #[serde(default)]
+    standard_webhooks: bool,
 }
 
 fn yes() -> bool {
@@ -233,18 +287,12 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn line_of(&self, span: Range<usize>) -> usize {
-        self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
+        self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
     }
 
     fn fail<T>(&mut self, span: Range<usize>, message: impl Into<String>) -> Option<T> {
         let line = Some(self.line_of(span));
-        self.problems.push(Problem {
-            line,
-            message: message.into(),
-        });
+        self.problems.push(Problem { line, message: message.into() });
         None
     }
 
@@ -254,10 +302,7 @@ impl Checker<'_> {
             Ok(_) => self.fail(v.span(), format!("{key} must be longer than zero")),
             Err(e) => self.fail(
                 v.span(),
-                format!(
-                    "{key}: {:?} is not a duration like \"10s\" or \"5m\" ({e})",
-                    v.get_ref()
-                ),
+                format!("{key}: {:?} is not a duration like \"10s\" or \"5m\" ({e})", v.get_ref()),
             ),
         }
     }
@@ -278,38 +323,25 @@ impl Checker<'_> {
 }
 
 fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-    let mut c = Checker {
-        text,
-        problems: Vec::new(),
-    };
+    let mut c = Checker { text, problems: Vec::new() };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
             let line = e.span().map(|s| c.line_of(s));
-            return Err(vec![Problem {
-                line,
-                message: e.message().trim().to_owned(),
-            }]);
+            return Err(vec![Problem { line, message: e.message().trim().to_owned() }]);
         }
     };
 
     let listen = match &raw.server.listen {
         None => Some(DEFAULT_LISTEN.parse().expect("valid default")),
         Some(v) => v.get_ref().parse::<SocketAddr>().ok().or_else(|| {
-            c.fail(
-                v.span(),
-                format!(
-                    "listen: {:?} is not an address like \"127.0.0.1:8088\"",
-                    v.get_ref()
-                ),
-            )
+            c.fail(v.span(), format!("listen: {:?} is not an address like \"127.0.0.1:8088\"", v.get_ref()))
         }),
     };
     let api_token = match &raw.server.api_token {
-        Some(v) if v.get_ref().is_empty() => c.fail(
-            v.span(),
-            "api_token is empty; remove the key or set a token",
-        ),
+        Some(v) if v.get_ref().is_empty() => {
+            c.fail(v.span(), "api_token is empty; remove the key or set a token")
+        }
         v => v.as_ref().map(|v| Secret(v.get_ref().clone())),
     };
     if let (Some(addr), None) = (listen, &api_token) {
@@ -317,9 +349,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             let span = raw.server.listen.as_ref().map(|v| v.span()).unwrap_or(0..0);
             c.fail::<()>(
                 span,
-                format!(
-                    "listen = {addr} is not a loopback address, so [server] api_token is required"
-                ),
+                format!("listen = {addr} is not a loopback address, so [server] api_token is required"),
             );
         }
     }
@@ -337,6 +367,23 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         None => Some(DEFAULT_CACHE),
         Some(v) => c.positive(v, "cache_capacity"),
     };
+    let retention = match &raw.storage.retention {
+        None => Some(DEFAULT_RETENTION),
+        Some(v) => c.duration(v, "retention"),
+    };
+    let shutdown_grace = match &raw.server.shutdown_grace {
+        None => Some(DEFAULT_GRACE),
+        Some(v) => c.duration(v, "shutdown_grace"),
+    };
+    let log_level = match &raw.server.log_level {
+        None => Some("info".to_owned()),
+        Some(v) => match tracing_subscriber::EnvFilter::try_new(v.get_ref()) {
+            Ok(_) => Some(v.get_ref().clone()),
+            Err(e) => {
+                c.fail(v.span(), format!("log_level: {:?} is not a level or filter ({e})", v.get_ref()))
+            }
+        },
+    };
 
     let timeout = match &raw.delivery.timeout {
         None => Some(DEFAULT_TIMEOUT),
@@ -344,10 +391,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     };
     let retry_schedule: Vec<Option<Duration>> = match &raw.delivery.retry_schedule {
         None => DEFAULT_SCHEDULE.iter().copied().map(Some).collect(),
-        Some(list) => list
-            .iter()
-            .map(|v| c.duration(v, "retry_schedule"))
-            .collect(),
+        Some(list) => list.iter().map(|v| c.duration(v, "retry_schedule")).collect(),
     };
     let allow_private_targets = raw.delivery.allow_private_targets.unwrap_or(false);
     let workers = match &raw.delivery.workers {
@@ -372,17 +416,20 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             Some(Secret(w.secret.get_ref().clone()))
         };
         let events = check_events(&mut c, &w.events);
-        if let (Some(id), Some(client_id), Some(url), Some(secret), Some(events)) =
-            (id, client_id, url, secret, events)
+        let standard_key = match w.standard_webhooks {
+            false => Some(None),
+            true => match sign::standard_key(w.secret.get_ref()) {
+                Some(key) => Some(Some(Secret(key))),
+                None => c.fail(
+                    w.secret.span(),
+                    "standard_webhooks = true needs a secret of the form whsec_<base64>",
+                ),
+            },
+        };
+        if let (Some(id), Some(client_id), Some(url), Some(secret), Some(events), Some(standard_key)) =
+            (id, client_id, url, secret, events, standard_key)
         {
-            webhooks.push(Webhook {
-                id,
-                client_id,
-                url,
-                secret,
-                events,
-                enabled: w.enabled,
-            });
+            webhooks.push(Webhook { id, client_id, url, secret, events, enabled: w.enabled, standard_key });
         }
     }
 
@@ -401,10 +448,13 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             listen: listen.unwrap(),
             api_token,
             max_body: max_body.unwrap() as usize,
+            shutdown_grace: shutdown_grace.unwrap(),
+            log_level: log_level.unwrap(),
         },
         storage: Storage {
             path: storage_path.unwrap(),
             cache_capacity: cache_capacity.unwrap(),
+            retention: retention.unwrap(),
         },
         delivery: Delivery {
             timeout: timeout.unwrap(),
@@ -425,10 +475,7 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, allow_private: bool) -> Optio
         Err(e) => return c.fail(v.span(), format!("url: {text:?} is not a URL ({e})")),
     };
     if url.scheme() != "http" && url.scheme() != "https" {
-        return c.fail(
-            v.span(),
-            format!("url: {text:?} must start with http:// or https://"),
-        );
+        return c.fail(v.span(), format!("url: {text:?} must start with http:// or https://"));
     }
     let ip = match url.host() {
         None => return c.fail(v.span(), format!("url: {text:?} has no host")),
@@ -446,9 +493,7 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, allow_private: bool) -> Optio
         if let Some(why) = target::blocked_reason(ip) {
             return c.fail(
                 v.span(),
-                format!(
-                    "url: {ip} is {why}; set [delivery] allow_private_targets = true to allow it"
-                ),
+                format!("url: {ip} is {why}; set [delivery] allow_private_targets = true to allow it"),
             );
         }
     }
@@ -462,10 +507,8 @@ fn check_events(c: &mut Checker, v: &Spanned<Vec<Spanned<String>>>) -> Option<Ev
     }
     if list.iter().any(|e| e.get_ref() == "*") {
         if list.len() > 1 {
-            return c.fail(
-                v.span(),
-                "events: \"*\" already means every event type; list nothing else with it",
-            );
+            return c
+                .fail(v.span(), "events: \"*\" already means every event type; list nothing else with it");
         }
         return Some(Events::All);
     }
@@ -477,10 +520,7 @@ fn check_events(c: &mut Checker, v: &Spanned<Vec<Spanned<String>>>) -> Option<Ev
                 let known = EventType::ALL.map(EventType::as_str).join(", ");
                 c.fail::<()>(
                     e.span(),
-                    format!(
-                        "unknown event type {:?}; known: {known}, or \"*\"",
-                        e.get_ref()
-                    ),
+                    format!("unknown event type {:?}; known: {known}, or \"*\"", e.get_ref()),
                 );
             }
         }
@@ -524,21 +564,14 @@ events = ["meeting.scheduled"]
     fn parses_the_contract_shape() {
         let c = parse(GOOD, Path::new("/etc/nexor")).unwrap();
         assert_eq!(c.storage.path, PathBuf::from("/etc/nexor/data"));
-        assert_eq!(
-            c.delivery.retry_schedule,
-            vec![Duration::from_millis(100), Duration::from_secs(120)]
-        );
+        assert_eq!(c.delivery.retry_schedule, vec![Duration::from_millis(100), Duration::from_secs(120)]);
         assert_eq!(c.delivery.timeout, Duration::from_secs(5));
         assert_eq!(c.server.max_body, 1024 * 1024);
         let w = &c.webhooks()[0];
         assert!(w.enabled);
         assert!(w.subscribes_to(EventType::MeetingScheduled));
         assert!(!w.subscribes_to(EventType::MeetingCancelled));
-        assert_eq!(
-            c.subscribers(&w.client_id, EventType::MeetingScheduled)
-                .count(),
-            1
-        );
+        assert_eq!(c.subscribers(&w.client_id, EventType::MeetingScheduled).count(), 1);
     }
 
     #[test]
@@ -593,6 +626,32 @@ events = ["meeting.scheduled"]
         let e = errors(&GOOD.replace("127.0.0.1:8088", "0.0.0.0:8088"));
         assert!(e[0].1.contains("api_token is required"), "{e:?}");
         assert_eq!(e[0].0, Some(3));
+    }
+
+    #[test]
+    fn standard_webhooks_needs_a_base64_secret() {
+        let text = GOOD.replace("enabled", "x").replace("events = [", "standard_webhooks = true\nevents = [");
+        let e = errors(&text);
+        assert_eq!(e[0].0, Some(17));
+        assert!(e[0].1.contains("whsec_<base64>"), "{e:?}");
+        let ok = text.replace("whsec_x", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        let c = parse(&ok, Path::new("/")).unwrap();
+        assert_eq!(c.webhooks()[0].standard_key.as_ref().unwrap().expose().len(), 24);
+    }
+
+    #[test]
+    fn reload_diff_names_restart_settings_and_stopped_webhooks() {
+        let old = parse(GOOD, Path::new("/")).unwrap();
+        let new = parse(
+            &GOOD.replace("8088", "8089").replace("events = [", "enabled = false\nevents = ["),
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(old.needs_restart(&new), vec!["[server] listen"]);
+        assert_eq!(old.stopped_in(&new).len(), 1);
+        assert!(new.stopped_in(&old).is_empty());
+        let gone = parse(&GOOD[..GOOD.find("[[webhooks]]").unwrap()], Path::new("/")).unwrap();
+        assert_eq!(old.stopped_in(&gone).len(), 1);
     }
 
     #[test]

@@ -46,12 +46,32 @@ pub struct Answer {
     pub duration: Duration,
 }
 
+impl Answer {
+    /// The outcome class used as a metrics label.
+    pub fn outcome_label(&self) -> &'static str {
+        match (self.class, self.status_code) {
+            (Class::Success, _) => "2xx",
+            (Class::HttpStatus, Some(300..=399)) => "3xx",
+            (Class::HttpStatus, Some(400..=499)) => "4xx",
+            (Class::HttpStatus, Some(500..=599)) => "5xx",
+            (Class::Timeout, _) => "timeout",
+            (Class::Connect, _) => "connect",
+            (Class::Blocked, _) => "blocked",
+            _ => "other",
+        }
+    }
+}
+
+/// Cheap to clone: the agent and its connection pool are shared.
+#[derive(Clone)]
 pub struct Sender {
     agent: ureq::Agent,
     timeout: Duration,
 }
 
 impl Sender {
+    /// One agent per worker thread: `pool_size` idle keep-alive connections
+    /// in all, at most 4 to one host.
     pub fn new(timeout: Duration, allow_private: bool, pool_size: usize) -> Sender {
         let t = Some(timeout);
         let config = ureq::Agent::config_builder()
@@ -59,22 +79,16 @@ impl Sender {
             .http_status_as_error(false)
             .proxy(None)
             .user_agent(USER_AGENT)
-            .max_idle_connections(pool_size * 2)
-            .max_idle_connections_per_host(pool_size)
+            .max_idle_connections(pool_size)
+            .max_idle_connections_per_host(pool_size.min(4))
             .timeout_connect(t)
             .timeout_send_request(t)
             .timeout_send_body(t)
             .timeout_recv_response(t)
             .timeout_recv_body(t)
             .build();
-        let resolver = GuardedResolver {
-            allow_private,
-            inner: DefaultResolver::default(),
-        };
-        Sender {
-            agent: ureq::Agent::with_parts(config, DefaultConnector::default(), resolver),
-            timeout,
-        }
+        let resolver = GuardedResolver { allow_private, inner: DefaultResolver::default() };
+        Sender { agent: ureq::Agent::with_parts(config, DefaultConnector::default(), resolver), timeout }
     }
 
     /// POSTs `body` with `headers`; any 2xx is success.
@@ -90,22 +104,13 @@ impl Sender {
                 let mut buf = Vec::new();
                 // The status decides the outcome; a body that fails to arrive
                 // in full only shortens what we keep of it.
-                let _ = resp
-                    .body_mut()
-                    .as_reader()
-                    .take(READ_CAP)
-                    .read_to_end(&mut buf);
+                let _ = resp.body_mut().as_reader().take(READ_CAP).read_to_end(&mut buf);
                 buf.truncate(KEEP_CAP);
                 let text = String::from_utf8_lossy(&buf).into_owned();
                 if (200..300).contains(&status) {
                     (Class::Success, Some(status), None, text)
                 } else {
-                    (
-                        Class::HttpStatus,
-                        Some(status),
-                        Some(format!("HTTP {status}")),
-                        text,
-                    )
+                    (Class::HttpStatus, Some(status), Some(format!("HTTP {status}")), text)
                 }
             }
             Err(e) => {
@@ -113,25 +118,14 @@ impl Sender {
                 (class, None, Some(reason), String::new())
             }
         };
-        Answer {
-            class,
-            status_code,
-            error,
-            response_body,
-            duration: start.elapsed(),
-        }
+        Answer { class, status_code, error, response_body, duration: start.elapsed() }
     }
 }
 
 /// Turns a ureq error into words for the attempt log.
 fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
     use std::io::ErrorKind;
-    let timed_out = || {
-        (
-            Class::Timeout,
-            format!("timed out after {}", humantime::format_duration(timeout)),
-        )
-    };
+    let timed_out = || (Class::Timeout, format!("timed out after {}", humantime::format_duration(timeout)));
     match e {
         ureq::Error::Timeout(_) => timed_out(),
         ureq::Error::Io(io) => match io.kind() {
@@ -142,9 +136,7 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
             ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
                 (Class::Connect, "connection reset".into())
             }
-            ErrorKind::UnexpectedEof => {
-                (Class::Connect, "connection closed before a response".into())
-            }
+            ErrorKind::UnexpectedEof => (Class::Connect, "connection closed before a response".into()),
             ErrorKind::TimedOut | ErrorKind::WouldBlock => timed_out(),
             _ => (Class::Connect, io.to_string()),
         },
@@ -173,15 +165,11 @@ impl Resolver for GuardedResolver {
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let addrs = self.inner.resolve(uri, config, timeout)?;
         if !self.allow_private {
-            if let Some((addr, why)) = addrs
-                .iter()
-                .find_map(|a: &SocketAddr| Some((a, target::blocked_reason(a.ip())?)))
+            if let Some((addr, why)) =
+                addrs.iter().find_map(|a: &SocketAddr| Some((a, target::blocked_reason(a.ip())?)))
             {
                 let msg = format!("blocked: {} is {why}", addr.ip());
-                return Err(ureq::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    msg,
-                )));
+                return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)));
             }
         }
         Ok(addrs)

@@ -19,9 +19,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
+use crate::metrics::Metrics;
 use crate::schedule::{self, Queue};
 use crate::sign;
 use crate::store::{Attempt, DeliveryKey, Due, Outcome, Status, Store};
@@ -61,27 +62,29 @@ pub struct Engine {
     workers: Vec<thread::JoinHandle<()>>,
 }
 
+/// One delivery thread's state. Each has its own HTTP agent (and so its own
+/// keep-alive connections), rebuilt when a reload brings a new config.
 struct Worker {
     store: Store,
-    config: Arc<Config>,
-    sender: Arc<Sender>,
+    config: config::Shared,
+    metrics: Metrics,
+    sender: Option<(Arc<Config>, Sender)>,
 }
 
-pub fn start(store: Store, config: Arc<Config>) -> Engine {
-    let n = config.delivery.workers;
-    let sender = Arc::new(Sender::new(
-        config.delivery.timeout,
-        config.delivery.allow_private_targets,
-        n,
-    ));
+/// Idle keep-alive connections each worker keeps.
+const POOL_PER_WORKER: usize = 8;
+
+pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
+    let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeliveryKey>(n);
     let workers = (0..n)
         .map(|i| {
-            let w = Worker {
+            let mut w = Worker {
                 store: store.clone(),
                 config: config.clone(),
-                sender: sender.clone(),
+                metrics: metrics.clone(),
+                sender: None,
             };
             let jobs = jobs_rx.clone();
             let done = tx.clone();
@@ -97,12 +100,7 @@ pub fn start(store: Store, config: Arc<Config>) -> Engine {
         .collect();
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(run(store, rx, jobs_tx, n, shutdown.clone()));
-    Engine {
-        handle: Dispatcher { tx },
-        shutdown,
-        task,
-        workers,
-    }
+    Engine { handle: Dispatcher { tx }, shutdown, task, workers }
 }
 
 impl Engine {
@@ -112,8 +110,7 @@ impl Engine {
         self.shutdown.notify_one();
         let _ = self.task.await;
         let workers = self.workers;
-        let joined =
-            tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())));
+        let joined = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())));
         if tokio::time::timeout(grace, joined).await.is_err() {
             tracing::warn!(
                 "attempts still in flight after {grace:?}; they will be retried at the next start"
@@ -175,23 +172,32 @@ fn handle(queue: &mut Queue, msg: Msg) {
 fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), crate::store::StoreError> {
     while let Some(r) = queue.refill(now) {
         let entries = store.scan_due(r.from, r.until_ms, r.limit)?;
-        let next = if entries.len() < r.limit {
-            store.first_due_from(Due::at(r.until_ms + 1))?
-        } else {
-            None
-        };
+        let next =
+            if entries.len() < r.limit { store.first_due_from(Due::at(r.until_ms + 1))? } else { None };
         queue.refilled(r, entries, next);
     }
     Ok(())
 }
 
 impl Worker {
+    /// The config in force and an agent built from it.
+    fn current(&mut self) -> (Arc<Config>, Sender) {
+        let config = self.config.get();
+        if !self.sender.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &config)) {
+            let d = &config.delivery;
+            self.sender =
+                Some((config.clone(), Sender::new(d.timeout, d.allow_private_targets, POOL_PER_WORKER)));
+        }
+        (config, self.sender.as_ref().expect("just set").1.clone())
+    }
+
     /// Makes one attempt of `key` (or cancels it) and records the outcome.
     /// Returns the stored next due entry.
-    fn attempt(&self, key: DeliveryKey) -> Option<Due> {
+    fn attempt(&mut self, key: DeliveryKey) -> Option<Due> {
         let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
             (e, d) => {
+                self.metrics.undecodable();
                 tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, "cannot load a due delivery; skipping it until restart");
                 return None;
             }
@@ -199,11 +205,8 @@ impl Worker {
         if !matches!(delivery.status, Status::Pending | Status::Retrying) {
             return None;
         }
-        let (attempt, status, next_attempt_at) = match self
-            .config
-            .webhook(&key.webhook)
-            .filter(|w| w.enabled)
-        {
+        let (config, sender) = self.current();
+        let (attempt, status, next_attempt_at) = match config.webhook(&key.webhook).filter(|w| w.enabled) {
             None => {
                 tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, "webhook removed or disabled; delivery cancelled");
                 (None, Status::Cancelled, None)
@@ -222,10 +225,10 @@ impl Worker {
                 });
                 let started_at_ms = clock::now_ms();
                 let ts = (started_at_ms / 1000).to_string();
-                let signature =
-                    sign::header([webhook.secret.expose()], started_at_ms / 1000, &body);
-                let (did, wid) = (delivery_id.to_string(), webhook.id.to_string());
-                let headers = [
+                let signature = sign::header([webhook.secret.expose().as_str()], started_at_ms / 1000, &body);
+                let (did, wid, eid) =
+                    (delivery_id.to_string(), webhook.id.to_string(), event.event_id.to_string());
+                let mut headers = vec![
                     ("Content-Type", "application/json"),
                     ("X-Nexor-Event", event.event_type.as_str()),
                     ("X-Nexor-Delivery-ID", did.as_str()),
@@ -234,12 +237,25 @@ impl Worker {
                     ("X-Nexor-Signature", signature.as_str()),
                     ("User-Agent", deliver::USER_AGENT),
                 ];
-                let answer = self.sender.post(&webhook.url, &headers, &body);
+                // Standard Webhooks' id must be stable across retries: the event_id.
+                let standard = webhook
+                    .standard_key
+                    .as_ref()
+                    .map(|key| sign::standard_signature(key.expose(), &eid, started_at_ms / 1000, &body));
+                if let Some(sig) = &standard {
+                    headers.extend([
+                        ("webhook-id", eid.as_str()),
+                        ("webhook-timestamp", ts.as_str()),
+                        ("webhook-signature", sig.as_str()),
+                    ]);
+                }
+                let answer = sender.post(&webhook.url, &headers, &body);
+                self.metrics.attempt(answer.outcome_label(), answer.duration.as_secs_f64());
                 let duration_ms = answer.duration.as_millis() as u64;
                 let (status, next) = schedule::after_attempt(
                     answer.class == Class::Success,
-                    delivery.attempts.len(),
-                    &self.config.delivery.retry_schedule,
+                    delivery.attempts_in_round(),
+                    &config.delivery.retry_schedule,
                     started_at_ms + duration_ms as i64,
                 );
                 tracing::info!(
@@ -263,22 +279,11 @@ impl Worker {
                 (Some(attempt), status, next)
             }
         };
-        match self.store.record_blocking(Outcome {
-            key,
-            attempt,
-            status,
-            next_attempt_at,
-        }) {
-            Ok(()) => next_attempt_at.map(|at| Due {
-                at_ms: at as u64,
-                key,
-            }),
+        match self.store.record_blocking(Outcome { key, attempt, status, next_attempt_at }) {
+            Ok(()) => next_attempt_at.map(|at| Due { at_ms: at as u64, key }),
             Err(e) => {
                 tracing::error!(error = %e, "cannot record an attempt; it will be made again");
-                Some(Due {
-                    at_ms: clock::now_ms() as u64 + STORE_RETRY_MS,
-                    key,
-                })
+                Some(Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
             }
         }
     }

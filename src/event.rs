@@ -64,18 +64,12 @@ pub enum IngestError {
     /// Not JSON at all (400).
     Unparseable(String),
     /// JSON, but a field is missing or wrong (422).
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
 }
 
 impl IngestError {
     fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        IngestError::Invalid {
-            field,
-            message: message.into(),
-        }
+        IngestError::Invalid { field, message: message.into() }
     }
 }
 
@@ -105,10 +99,7 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
     let event_type = EventType::parse(&event_type).ok_or_else(|| {
         IngestError::invalid(
             "event_type",
-            format!(
-                "unknown event type {event_type:?}; expected one of {}",
-                type_list()
-            ),
+            format!("unknown event type {event_type:?}; expected one of {}", type_list()),
         )
     })?;
     let client_id = parse_uuid(&required_str(raw.client_id, "client_id")?, "client_id")?;
@@ -117,9 +108,7 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
         Some(d) if d.get().starts_with('{') => d.get().to_owned(),
         Some(_) => return Err(IngestError::invalid("data", "`data` must be a JSON object")),
     };
-    let event_id = optional_str(raw.event_id, "event_id")?
-        .map(|s| parse_uuid(&s, "event_id"))
-        .transpose()?;
+    let event_id = optional_str(raw.event_id, "event_id")?.map(|s| parse_uuid(&s, "event_id")).transpose()?;
     let timestamp_ms = optional_str(raw.timestamp, "timestamp")?
         .map(|s| {
             clock::parse_rfc3339_ms(&s).ok_or_else(|| {
@@ -127,13 +116,7 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
             })
         })
         .transpose()?;
-    Ok(Ingest {
-        event_type,
-        client_id,
-        data,
-        event_id,
-        timestamp_ms,
-    })
+    Ok(Ingest { event_type, client_id, data, event_id, timestamp_ms })
 }
 
 fn type_list() -> String {
@@ -141,8 +124,7 @@ fn type_list() -> String {
 }
 
 fn required_str(v: Option<&RawValue>, field: &'static str) -> Result<String, IngestError> {
-    optional_str(v, field)?
-        .ok_or_else(|| IngestError::invalid(field, format!("missing field `{field}`")))
+    optional_str(v, field)?.ok_or_else(|| IngestError::invalid(field, format!("missing field `{field}`")))
 }
 
 /// A string field, where `null` counts as absent.
@@ -219,43 +201,23 @@ mod tests {
 
     #[test]
     fn classifies_bad_input() {
-        assert!(matches!(
-            parse_ingest(b"{nope"),
-            Err(IngestError::Unparseable(_))
-        ));
-        assert!(matches!(
-            parse_ingest(b""),
-            Err(IngestError::Unparseable(_))
-        ));
+        assert!(matches!(parse_ingest(b"{nope"), Err(IngestError::Unparseable(_))));
+        assert!(matches!(parse_ingest(b""), Err(IngestError::Unparseable(_))));
         let t = |s: &str| parse_ingest(s.replace("CLIENT", CLIENT).as_bytes());
+        assert_eq!(field_of(t(r#"{"client_id":"CLIENT","data":{}}"#)), "event_type");
         assert_eq!(
-            field_of(t(r#"{"client_id":"CLIENT","data":{}}"#)),
+            field_of(t(r#"{"event_type":"meeting.eaten","client_id":"CLIENT","data":{}}"#)),
             "event_type"
         );
         assert_eq!(
-            field_of(t(
-                r#"{"event_type":"meeting.eaten","client_id":"CLIENT","data":{}}"#
-            )),
-            "event_type"
-        );
-        assert_eq!(
-            field_of(t(
-                r#"{"event_type":"meeting.scheduled","client_id":"nope","data":{}}"#
-            )),
+            field_of(t(r#"{"event_type":"meeting.scheduled","client_id":"nope","data":{}}"#)),
             "client_id"
         );
         assert_eq!(
-            field_of(t(
-                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":[1]}"#
-            )),
+            field_of(t(r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":[1]}"#)),
             "data"
         );
-        assert_eq!(
-            field_of(t(
-                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT"}"#
-            )),
-            "data"
-        );
+        assert_eq!(field_of(t(r#"{"event_type":"meeting.scheduled","client_id":"CLIENT"}"#)), "data");
         assert_eq!(
             field_of(t(
                 r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"event_id":"x"}"#
@@ -268,15 +230,10 @@ mod tests {
             )),
             "timestamp"
         );
-        assert_eq!(
-            field_of(t(r#"{"event_type":7,"client_id":"CLIENT","data":{}}"#)),
-            "event_type"
-        );
+        assert_eq!(field_of(t(r#"{"event_type":7,"client_id":"CLIENT","data":{}}"#)), "event_type");
         assert_eq!(field_of(t(r#"[1,2]"#)), "body");
         assert_eq!(
-            field_of(t(
-                r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"extra":1}"#
-            )),
+            field_of(t(r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"extra":1}"#)),
             "body"
         );
     }

@@ -1,17 +1,22 @@
 //! nexor-webhookd: the command line and the daemon's lifecycle.
 //!
 //! `run` wires the pieces in the order data flows — config, store, delivery
-//! engine, HTTP API — and takes them down in reverse on SIGTERM or SIGINT.
-//! `check-config` runs the same validation as `run` and exits. `receive` and
-//! `verify` are tools for the receiving side.
+//! engine, retention, HTTP API — tells systemd it is ready, reloads the
+//! config on SIGHUP, and takes everything down in reverse on SIGTERM or
+//! SIGINT. `check-config` runs the same validation as `run`. `send`,
+//! `status` and `redeliver` talk to a running daemon; `receive` and `verify`
+//! are tools for the receiving side.
 
 mod api;
+mod client;
 mod clock;
 mod config;
 mod deliver;
 mod dispatch;
 mod event;
+mod metrics;
 mod receive;
+mod retention;
 mod schedule;
 mod sign;
 mod store;
@@ -25,20 +30,26 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// How long requests in flight and attempts in flight get to finish on stop.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 #[derive(Parser)]
-#[command(
-    name = "nexor-webhookd",
-    version,
-    about = "Durable, signed webhook delivery for Nexor events"
-)]
+#[command(name = "nexor-webhookd", version, about = "Durable, signed webhook delivery for Nexor events")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// The config file, for commands that talk to a running daemon.
+#[derive(clap::Args)]
+struct ConfigArg {
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "NEXOR_WEBHOOKD_CONFIG",
+        default_value = "/etc/nexor-webhookd/config.toml"
+    )]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +63,34 @@ enum Command {
     CheckConfig {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Send one event to the running daemon.
+    Send {
+        /// One of the six event types.
+        event_type: String,
+        #[arg(long)]
+        client_id: String,
+        /// The event's data: JSON text, or @FILE.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        #[arg(long)]
+        event_id: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show each webhook's delivery health.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Attempt an event's failed or cancelled deliveries again.
+    Redeliver {
+        event_id: String,
+        /// Only the delivery to this webhook.
+        #[arg(long)]
+        webhook_id: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run a local receiver that verifies and prints each delivery.
     Receive {
@@ -92,8 +131,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(c) => {
                 println!("{}: ok ({} webhooks)", config.display(), c.webhooks().len());
@@ -104,43 +142,31 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Receive {
-            listen,
-            secret,
-            tolerance,
-            verbose,
-            status,
-            fail_rate,
-        } => {
-            let opts = receive::Options {
-                listen,
-                secret,
-                tolerance,
-                verbose,
-                status,
-                fail_rate,
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match rt
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(receive::run(opts)))
-            {
-                Ok(()) => ExitCode::SUCCESS,
+        Command::Run { config } => {
+            let loaded = match config::load(&config) {
+                Ok(c) => c,
                 Err(e) => {
-                    eprintln!("nexor-webhookd receive: {e:#}");
-                    ExitCode::FAILURE
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
                 }
-            }
+            };
+            init_logging(&loaded.server.log_level);
+            report(run(&config, loaded), "run")
         }
-        Command::Verify {
-            secret,
-            timestamp,
-            signature,
-            body,
-            tolerance,
-        } => {
+        Command::Send { event_type, client_id, data, event_id, config } => report(
+            client(&config).and_then(|c| c.send(&event_type, &client_id, &data, event_id.as_deref())),
+            "send",
+        ),
+        Command::Status { config } => report(client(&config).and_then(|c| c.status()), "status"),
+        Command::Redeliver { event_id, webhook_id, config } => {
+            report(client(&config).and_then(|c| c.redeliver(&event_id, webhook_id.as_deref())), "redeliver")
+        }
+        Command::Receive { listen, secret, tolerance, verbose, status, fail_rate } => {
+            let opts = receive::Options { listen, secret, tolerance, verbose, status, fail_rate };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            report(rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(receive::run(opts))), "receive")
+        }
+        Command::Verify { secret, timestamp, signature, body, tolerance } => {
             let bytes = match read_body(&body) {
                 Ok(b) => b,
                 Err(e) => {
@@ -148,14 +174,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match sign::verify(
-                &secret,
-                &signature,
-                &timestamp,
-                &bytes,
-                tolerance,
-                clock::now_ms() / 1000,
-            ) {
+            match sign::verify(&secret, &signature, &timestamp, &bytes, tolerance, clock::now_ms() / 1000) {
                 Ok(()) => {
                     println!("valid");
                     ExitCode::SUCCESS
@@ -166,18 +185,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            init_logging();
-            match run(&config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("nexor-webhookd: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+    }
+}
+
+fn report(result: anyhow::Result<()>, command: &str) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("nexor-webhookd {command}: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn client(arg: &ConfigArg) -> anyhow::Result<client::Client> {
+    Ok(client::Client::new(&config::load(&arg.config)?))
 }
 
 fn read_body(source: &str) -> std::io::Result<Vec<u8>> {
@@ -190,9 +213,11 @@ fn read_body(source: &str) -> std::io::Result<Vec<u8>> {
     }
 }
 
-fn init_logging() {
+/// `RUST_LOG` when set, else the config's `log_level`; plain text without
+/// colours unless stderr is a terminal (journald stores it as is).
+fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -200,54 +225,122 @@ fn init_logging() {
         .init();
 }
 
-fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = Arc::new(config::load(config_path)?);
+fn run(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config))
+        .block_on(serve(config_path, config))
 }
 
-async fn serve(config: Arc<config::Config>) -> anyhow::Result<()> {
+async fn serve(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
     let store = store::Store::open(&config.storage.path, config.storage.cache_capacity)?;
-    let engine = dispatch::start(store.clone(), config.clone());
+    let listen = config.server.listen;
+    let shared = config::Shared::new(config);
+    let metrics = metrics::Metrics::new();
+    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone());
+    let stop_background = Arc::new(tokio::sync::Notify::new());
+    let retention = retention::spawn(store.clone(), shared.clone(), stop_background.clone());
     let state = api::AppState {
         store: store.clone(),
-        config: config.clone(),
+        config: shared.clone(),
         dispatcher: engine.handle.clone(),
+        metrics: metrics.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        storage = %config.storage.path.display(),
-        webhooks = config.webhooks().len(),
-        "nexor-webhookd ready"
-    );
-
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let stop_server = Arc::new(tokio::sync::Notify::new());
     let server = {
-        let stop = stop.clone();
+        let stop = stop_server.clone();
         tokio::spawn(async move {
             axum::serve(listener, api::router(state))
                 .with_graceful_shutdown(async move { stop.notified().await })
                 .await
         })
     };
+    let config = shared.get();
+    tracing::info!(
+        listen = %listen,
+        storage = %config.storage.path.display(),
+        webhooks = config.webhooks().len(),
+        "nexor-webhookd ready"
+    );
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    start_watchdog();
+
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
+            _ = hup.recv() => reload(config_path, &shared, &store).await,
+        }
     }
-    stop.notify_one();
-    if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
-        tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing them");
+
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    let grace = shared.get().server.shutdown_grace;
+    stop_server.notify_one();
+    if tokio::time::timeout(grace, server).await.is_err() {
+        tracing::warn!("requests still open after {grace:?}; closing them");
     }
-    engine.stop(SHUTDOWN_GRACE).await;
+    stop_background.notify_one();
+    let _ = retention.await;
+    engine.stop(grace).await;
     store.sync().context("syncing storage on stop")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: a good file replaces the running config (webhooks added, changed,
+/// removed or disabled take effect at once, and deliveries waiting for a
+/// webhook that is gone or disabled are cancelled); a bad one is reported and
+/// the running config stays.
+async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
+    let new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays:\n{e}");
+            return;
+        }
+    };
+    let old = shared.get();
+    let restart = old.needs_restart(&new);
+    if !restart.is_empty() {
+        tracing::warn!(
+            settings = restart.join(", "),
+            "reload: these changes take effect only after a restart"
+        );
+    }
+    let stopped = old.stopped_in(&new);
+    let webhooks = new.webhooks().len();
+    shared.set(new);
+    if !stopped.is_empty() {
+        let cancelled = match store.waiting_deliveries(|w| stopped.contains(w)) {
+            Ok(keys) => store.cancel(keys).await,
+            Err(e) => Err(e),
+        };
+        match cancelled {
+            Ok(n) => {
+                tracing::info!(cancelled = n, "reload: deliveries to removed or disabled webhooks cancelled")
+            }
+            Err(e) => tracing::error!(error = %e, "reload: cannot cancel deliveries of removed webhooks"),
+        }
+    }
+    tracing::info!(webhooks, "config reloaded");
+}
+
+/// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.
+fn start_watchdog() {
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
 }

@@ -35,15 +35,9 @@ struct Receiver {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
-    println!(
-        "listening on http://{} — point a webhook's url here",
-        listener.local_addr()?
-    );
+    println!("listening on http://{} — point a webhook's url here", listener.local_addr()?);
     let seed = clock::now_ms() as u64 | 1;
-    let state = Arc::new(Receiver {
-        opts,
-        rng: AtomicU64::new(seed),
-    });
+    let state = Arc::new(Receiver { opts, rng: AtomicU64::new(seed) });
     let app = Router::new().fallback(handle).with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
@@ -59,12 +53,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, &'static str) {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
     let verdict = sign::verify(
         &r.opts.secret,
         header("x-nexor-signature"),
@@ -76,11 +65,7 @@ async fn handle(
     let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let field = |k: &str| envelope[k].as_str().unwrap_or("-").to_owned();
     let (status, reply, outcome) = match &verdict {
-        Err(e) => (
-            StatusCode::UNAUTHORIZED,
-            "signature rejected\n",
-            format!("REJECTED: {e}"),
-        ),
+        Err(e) => (StatusCode::UNAUTHORIZED, "signature rejected\n", format!("REJECTED: {e}")),
         Ok(()) if r.should_fail() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "failing on purpose\n",
@@ -88,11 +73,7 @@ async fn handle(
         ),
         Ok(()) => {
             let status = StatusCode::from_u16(r.opts.status).unwrap_or(StatusCode::OK);
-            (
-                status,
-                "ok\n",
-                format!("verified, answered {}", status.as_u16()),
-            )
+            (status, "ok\n", format!("verified, answered {}", status.as_u16()))
         }
     };
     let mut out = std::io::stdout().lock();
@@ -104,11 +85,7 @@ async fn handle(
         field("event_id"),
         field("delivery_id"),
         field("webhook_id"),
-        if envelope["test"] == true {
-            " (test)"
-        } else {
-            ""
-        },
+        if envelope["test"] == true { " (test)" } else { "" },
         outcome
     );
     if r.opts.verbose {

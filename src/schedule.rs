@@ -106,11 +106,7 @@ impl Queue {
         if room < self.capacity / 2 || beyond > now_ms + self.window_ms / 2 {
             return None;
         }
-        Some(Refill {
-            from: self.cursor,
-            until_ms: now_ms + self.window_ms,
-            limit: room,
-        })
+        Some(Refill { from: self.cursor, until_ms: now_ms + self.window_ms, limit: room })
     }
 
     /// The store answered `r` with `entries`; `next` is the first stored entry
@@ -152,19 +148,9 @@ impl Queue {
 fn successor(d: Due) -> Due {
     let w = u128::from_be_bytes(*d.key.webhook.as_bytes());
     let (webhook, carry) = w.overflowing_add(1);
-    let (seq, carry) = if carry {
-        d.key.seq.overflowing_add(1)
-    } else {
-        (d.key.seq, false)
-    };
+    let (seq, carry) = if carry { d.key.seq.overflowing_add(1) } else { (d.key.seq, false) };
     let at_ms = if carry { d.at_ms + 1 } else { d.at_ms };
-    Due {
-        at_ms,
-        key: DeliveryKey {
-            seq,
-            webhook: uuid::Uuid::from_bytes(webhook.to_be_bytes()),
-        },
-    }
+    Due { at_ms, key: DeliveryKey { seq, webhook: uuid::Uuid::from_bytes(webhook.to_be_bytes()) } }
 }
 
 /// The retry policy. `attempts_before` counts attempts made before this one;
@@ -180,10 +166,7 @@ pub fn after_attempt(
         return (Status::Succeeded, None);
     }
     match retry_schedule.get(attempts_before) {
-        Some(delay) => (
-            Status::Retrying,
-            Some(ended_at_ms + delay.as_millis() as i64),
-        ),
+        Some(delay) => (Status::Retrying, Some(ended_at_ms + delay.as_millis() as i64)),
         None => (Status::Failed, None),
     }
 }
@@ -194,13 +177,7 @@ mod tests {
     use uuid::Uuid;
 
     fn due(at_ms: u64, seq: u64) -> Due {
-        Due {
-            at_ms,
-            key: DeliveryKey {
-                seq,
-                webhook: Uuid::from_bytes([1; 16]),
-            },
-        }
+        Due { at_ms, key: DeliveryKey { seq, webhook: Uuid::from_bytes([1; 16]) } }
     }
 
     /// A stand-in for the store's due index: a sorted set, read the same way.
@@ -225,14 +202,8 @@ mod tests {
     #[test]
     fn retry_policy_follows_the_schedule_then_fails() {
         let s = [Duration::from_millis(100), Duration::from_millis(200)];
-        assert_eq!(
-            after_attempt(false, 0, &s, 1000),
-            (Status::Retrying, Some(1100))
-        );
-        assert_eq!(
-            after_attempt(false, 1, &s, 1000),
-            (Status::Retrying, Some(1200))
-        );
+        assert_eq!(after_attempt(false, 0, &s, 1000), (Status::Retrying, Some(1100)));
+        assert_eq!(after_attempt(false, 1, &s, 1000), (Status::Retrying, Some(1200)));
         assert_eq!(after_attempt(false, 2, &s, 1000), (Status::Failed, None));
         assert_eq!(after_attempt(true, 2, &s, 1000), (Status::Succeeded, None));
         assert_eq!(after_attempt(false, 0, &[], 1000), (Status::Failed, None));
@@ -288,11 +259,7 @@ mod tests {
     fn inserts_above_the_cursor_wait_in_the_store() {
         let mut q = Queue::new(Duration::from_secs(30), 4);
         Index(BTreeSet::new()).serve(&mut q, 0);
-        assert_eq!(
-            q.next_wake(true),
-            None,
-            "nothing stored: no wake-ups at all"
-        );
+        assert_eq!(q.next_wake(true), None, "nothing stored: no wake-ups at all");
         q.insert(due(10, 1));
         assert_eq!(q.ready(), 1);
         q.insert(due(3_600_000, 2));
@@ -324,23 +291,8 @@ mod tests {
 
     #[test]
     fn successor_carries() {
-        let max = Due {
-            at_ms: 1,
-            key: DeliveryKey {
-                seq: 2,
-                webhook: Uuid::from_bytes([0xff; 16]),
-            },
-        };
-        assert_eq!(
-            successor(max),
-            Due {
-                at_ms: 1,
-                key: DeliveryKey {
-                    seq: 3,
-                    webhook: Uuid::nil()
-                }
-            }
-        );
+        let max = Due { at_ms: 1, key: DeliveryKey { seq: 2, webhook: Uuid::from_bytes([0xff; 16]) } };
+        assert_eq!(successor(max), Due { at_ms: 1, key: DeliveryKey { seq: 3, webhook: Uuid::nil() } });
         assert!(successor(due(1, 1)) > due(1, 1));
     }
 }

@@ -5,9 +5,16 @@
 //! rotated the header carries one `v1=` signature per valid secret,
 //! comma-separated; receivers accept the request if any one matches.
 //! [`verify`] is that receiver side, used by `receive` and `verify`.
+//!
+//! Webhooks with `standard_webhooks = true` also carry the Standard Webhooks
+//! signature ([`standard_signature`]): `v1,` + base64 of HMAC-SHA256 over
+//! `"<msg id>.<timestamp>.<body>"`, keyed by the base64 part of a
+//! `whsec_<base64>` secret.
 
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -24,16 +31,25 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// The `X-Nexor-Signature` value: one signature per secret, comma-separated.
-pub fn header<'a>(
-    secrets: impl IntoIterator<Item = &'a str>,
-    timestamp: i64,
-    body: &[u8],
-) -> String {
-    secrets
-        .into_iter()
-        .map(|s| signature(s, timestamp, body))
-        .collect::<Vec<_>>()
-        .join(",")
+pub fn header<'a>(secrets: impl IntoIterator<Item = &'a str>, timestamp: i64, body: &[u8]) -> String {
+    secrets.into_iter().map(|s| signature(s, timestamp, body)).collect::<Vec<_>>().join(",")
+}
+
+/// The key of a `whsec_<base64>` secret, as Standard Webhooks defines it;
+/// `None` when the secret does not have that form.
+pub fn standard_key(secret: &str) -> Option<Vec<u8>> {
+    BASE64.decode(secret.strip_prefix("whsec_")?).ok().filter(|k| !k.is_empty())
+}
+
+/// The Standard Webhooks `webhook-signature` value for one key.
+pub fn standard_signature(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
 /// Why a request's signature was not accepted.
@@ -60,10 +76,7 @@ pub fn verify(
     tolerance: Duration,
     now_secs: i64,
 ) -> Result<(), VerifyError> {
-    let ts: i64 = timestamp
-        .trim()
-        .parse()
-        .map_err(|_| VerifyError::BadTimestamp(timestamp.to_owned()))?;
+    let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp(timestamp.to_owned()))?;
     let skew = now_secs - ts;
     if skew.unsigned_abs() > tolerance.as_secs() {
         return Err(VerifyError::Stale(skew));
@@ -80,9 +93,7 @@ pub fn verify(
     mac.update(ts.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let matches = candidates
-        .iter()
-        .any(|c| mac.clone().verify_slice(c).is_ok());
+    let matches = candidates.iter().any(|c| mac.clone().verify_slice(c).is_ok());
     matches.then_some(()).ok_or(VerifyError::NoMatch)
 }
 
@@ -107,18 +118,12 @@ mod tests {
         let mut mac = HmacSha256::new_from_slice(b"Jefe").unwrap();
         mac.update(b"what do ya want for nothing?");
         let expected = hex::encode(mac.finalize().into_bytes());
-        assert_eq!(
-            expected,
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
+        assert_eq!(expected, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
         // The same primitive under our framing: "0." prefix + body.
         let sig = signature("Jefe", 0, b"what do ya want for nothing?");
         let mut mac = HmacSha256::new_from_slice(b"Jefe").unwrap();
         mac.update(b"0.what do ya want for nothing?");
-        assert_eq!(
-            sig,
-            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
-        );
+        assert_eq!(sig, format!("v1={}", hex::encode(mac.finalize().into_bytes())));
     }
 
     #[test]
@@ -127,35 +132,32 @@ mod tests {
         let h = header(["old", "new"], 1000, b"{}");
         assert_eq!(verify("new", &h, "1000", b"{}", tol, 1100), Ok(()));
         assert_eq!(verify("old", &h, "1000", b"{}", tol, 900), Ok(()));
-        assert_eq!(
-            verify("other", &h, "1000", b"{}", tol, 1000),
-            Err(VerifyError::NoMatch)
+        assert_eq!(verify("other", &h, "1000", b"{}", tol, 1000), Err(VerifyError::NoMatch));
+        assert_eq!(verify("new", &h, "1000", b"{ }", tol, 1000), Err(VerifyError::NoMatch));
+        assert_eq!(verify("new", &h, "1000", b"{}", tol, 1301), Err(VerifyError::Stale(301)));
+        assert_eq!(verify("new", "v2=abc", "1000", b"{}", tol, 1000), Err(VerifyError::NoSignature));
+        assert!(matches!(verify("new", &h, "soon", b"{}", tol, 1000), Err(VerifyError::BadTimestamp(_))));
+    }
+
+    /// The published Standard Webhooks test vector.
+    #[test]
+    fn standard_webhooks_vector() {
+        let key = standard_key("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        let sig = standard_signature(
+            &key,
+            "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+            1649367553,
+            br#"{"email":"test@example.com","username":"test_user"}"#,
         );
-        assert_eq!(
-            verify("new", &h, "1000", b"{ }", tol, 1000),
-            Err(VerifyError::NoMatch)
-        );
-        assert_eq!(
-            verify("new", &h, "1000", b"{}", tol, 1301),
-            Err(VerifyError::Stale(301))
-        );
-        assert_eq!(
-            verify("new", "v2=abc", "1000", b"{}", tol, 1000),
-            Err(VerifyError::NoSignature)
-        );
-        assert!(matches!(
-            verify("new", &h, "soon", b"{}", tol, 1000),
-            Err(VerifyError::BadTimestamp(_))
-        ));
+        assert_eq!(sig, "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=");
+        assert_eq!(standard_key("plain-secret"), None);
+        assert_eq!(standard_key("whsec_***"), None);
     }
 
     #[test]
     fn rotation_header_lists_each_secret() {
         let h = header(["a", "b"], 1, b"{}");
         let parts: Vec<_> = h.split(',').collect();
-        assert_eq!(
-            parts,
-            vec![signature("a", 1, b"{}"), signature("b", 1, b"{}")]
-        );
+        assert_eq!(parts, vec![signature("a", 1, b"{}"), signature("b", 1, b"{}")]);
     }
 }

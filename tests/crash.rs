@@ -60,11 +60,9 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
         });
         d.restart(); // SIGKILL, then start again on the same storage
     }
-    wait_for(
-        "more events after the last restart",
-        Duration::from_secs(60),
-        || acked.lock().unwrap().len() >= (ROUNDS + 1) * PER_ROUND,
-    );
+    wait_for("more events after the last restart", Duration::from_secs(60), || {
+        acked.lock().unwrap().len() >= (ROUNDS + 1) * PER_ROUND
+    });
     stop.store(true, Ordering::Relaxed);
     senders.into_iter().for_each(|s| s.join().unwrap());
 
@@ -78,11 +76,7 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
     };
     let missing = || -> Vec<String> {
         let (c1, c2) = (delivered("/each/2/c1"), delivered("/ok/c2"));
-        acked
-            .iter()
-            .filter(|id| !(c1.contains(*id) && c2.contains(*id)))
-            .cloned()
-            .collect()
+        acked.iter().filter(|id| !(c1.contains(*id) && c2.contains(*id))).cloned().collect()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !missing().is_empty() && std::time::Instant::now() < deadline {
@@ -96,11 +90,7 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
         acked.len(),
         d.get(&format!("/v1/events/{}", lost[0])).1
     );
-    let failures = rx
-        .hits_on("/each/2/c1")
-        .iter()
-        .filter(|h| h.answered != 200)
-        .count();
+    let failures = rx.hits_on("/each/2/c1").iter().filter(|h| h.answered != 200).count();
     assert!(failures > 0, "retries were exercised");
     // And the daemon agrees: every acknowledged event is stored and shows
     // both deliveries succeeded.

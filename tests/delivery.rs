@@ -32,15 +32,9 @@ fn fans_out_to_exactly_the_subscribed_enabled_webhooks_of_the_client() {
     let hooks = [
         webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["meeting.scheduled"]"#),
         webhook(W2, CLIENT_A, &rx.url("/ok/w2"), r#"["*"]"#),
-        webhook(
-            W3,
-            CLIENT_A,
-            &rx.url("/ok/w3"),
-            r#"["meeting.cancelled", "meeting.no_show"]"#,
-        ),
+        webhook(W3, CLIENT_A, &rx.url("/ok/w3"), r#"["meeting.cancelled", "meeting.no_show"]"#),
         webhook(W4, CLIENT_B, &rx.url("/ok/w4"), r#"["*"]"#),
-        webhook(W5, CLIENT_A, &rx.url("/ok/w5"), r#"["*"]"#)
-            .replace("events", "enabled = false\nevents"),
+        webhook(W5, CLIENT_A, &rx.url("/ok/w5"), r#"["*"]"#).replace("events", "enabled = false\nevents"),
     ]
     .concat();
     let d = Daemon::start("", &format!("{FAST}{hooks}"));
@@ -49,47 +43,26 @@ fn fans_out_to_exactly_the_subscribed_enabled_webhooks_of_the_client() {
     assert_eq!(body["deliveries"], 2);
     let id = body["event_id"].as_str().unwrap().to_owned();
     let ev = d.wait_settled(&id, &["succeeded"], SETTLE);
-    let targets: HashSet<_> = ev["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["webhook_id"].as_str().unwrap())
-        .collect();
+    let targets: HashSet<_> =
+        ev["deliveries"].as_array().unwrap().iter().map(|d| d["webhook_id"].as_str().unwrap()).collect();
     assert_eq!(targets, HashSet::from([W1, W2]));
     let paths: HashSet<_> = rx.hits().into_iter().map(|h| h.path).collect();
-    assert_eq!(
-        paths,
-        HashSet::from(["/ok/w1".to_owned(), "/ok/w2".to_owned()])
-    );
+    assert_eq!(paths, HashSet::from(["/ok/w1".to_owned(), "/ok/w2".to_owned()]));
 
     // No subscriber at all is still an accepted event, with no deliveries.
-    let (status, body) = d.send(
-        "meeting.completed",
-        CLIENT_B.replace('0', "9").as_str(),
-        "{}",
-    );
+    let (status, body) = d.send("meeting.completed", CLIENT_B.replace('0', "9").as_str(), "{}");
     assert_eq!((status, body["deliveries"].as_u64()), (202, Some(0)));
 }
 
 #[test]
 fn delivery_has_the_envelope_headers_and_a_verifiable_signature() {
     let rx = Receiver::start();
-    let d = Daemon::start(
-        "",
-        &format!(
-            "{FAST}{}",
-            webhook(W1, CLIENT_A, &rx.url("/ok/sig"), r#"["*"]"#)
-        ),
-    );
-    let data =
-        r#"{"lead": {"id": "l-9", "status": "qualified"}, "n": [1, 2.5, null], "s": "é\"\\"}"#;
+    let d = Daemon::start("", &format!("{FAST}{}", webhook(W1, CLIENT_A, &rx.url("/ok/sig"), r#"["*"]"#)));
+    let data = r#"{"lead": {"id": "l-9", "status": "qualified"}, "n": [1, 2.5, null], "s": "é\"\\"}"#;
     let body = format!(
         r#"{{"event_type":"workflow_run.status_changed","client_id":"{CLIENT_A}","data":{data},"event_id":"550e8400-e29b-41d4-a716-446655440000","timestamp":"2026-04-17T18:30:00.5+02:00"}}"#
     );
-    let before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let (status, answer) = d.post("/v1/events", &body);
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["event_id"], "550e8400-e29b-41d4-a716-446655440000");
@@ -97,12 +70,7 @@ fn delivery_has_the_envelope_headers_and_a_verifiable_signature() {
     let hit = &rx.hits()[0];
 
     let env = hit.json();
-    let keys: HashSet<_> = env
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys: HashSet<_> = env.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(
         keys,
         HashSet::from([
@@ -127,20 +95,11 @@ fn delivery_has_the_envelope_headers_and_a_verifiable_signature() {
 
     assert_eq!(hit.header("content-type"), "application/json");
     assert_eq!(hit.header("x-nexor-event"), "workflow_run.status_changed");
-    assert_eq!(
-        hit.header("x-nexor-delivery-id"),
-        env["delivery_id"].as_str().unwrap()
-    );
+    assert_eq!(hit.header("x-nexor-delivery-id"), env["delivery_id"].as_str().unwrap());
     assert_eq!(hit.header("x-nexor-webhook-id"), W1);
-    assert_eq!(
-        hit.header("user-agent"),
-        format!("nexor-webhookd/{}", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(hit.header("user-agent"), format!("nexor-webhookd/{}", env!("CARGO_PKG_VERSION")));
     let ts: u64 = hit.header("x-nexor-timestamp").parse().unwrap();
-    assert!(
-        ts >= before && ts <= before + 60,
-        "timestamp {ts} is the send time"
-    );
+    assert!(ts >= before && ts <= before + 60, "timestamp {ts} is the send time");
 
     let mut message = format!("{ts}.").into_bytes();
     message.extend_from_slice(&hit.body);
@@ -151,13 +110,7 @@ fn delivery_has_the_envelope_headers_and_a_verifiable_signature() {
 #[test]
 fn retries_follow_the_schedule_then_fail_with_distinct_delivery_ids() {
     let rx = Receiver::start();
-    let d = Daemon::start(
-        "",
-        &format!(
-            "{FAST}{}",
-            webhook(W1, CLIENT_A, &rx.url("/fail/r"), r#"["*"]"#)
-        ),
-    );
+    let d = Daemon::start("", &format!("{FAST}{}", webhook(W1, CLIENT_A, &rx.url("/fail/r"), r#"["*"]"#)));
     let (_, body) = d.send("meeting.cancelled", CLIENT_A, "{}");
     let id = body["event_id"].as_str().unwrap();
     let ev = d.wait_settled(id, &["failed"], SETTLE);
@@ -166,15 +119,10 @@ fn retries_follow_the_schedule_then_fail_with_distinct_delivery_ids() {
     for (i, want) in [100u128, 200, 400].into_iter().enumerate() {
         let gap = hits[i + 1].at.duration_since(hits[i].at).as_millis();
         assert!(gap >= want, "gap {i} was {gap} ms, schedule says {want} ms");
-        assert!(
-            gap < want + 1000,
-            "gap {i} was {gap} ms, far past the {want} ms schedule"
-        );
+        assert!(gap < want + 1000, "gap {i} was {gap} ms, far past the {want} ms schedule");
     }
-    let delivery_ids: HashSet<_> = hits
-        .iter()
-        .map(|h| h.json()["delivery_id"].as_str().unwrap().to_owned())
-        .collect();
+    let delivery_ids: HashSet<_> =
+        hits.iter().map(|h| h.json()["delivery_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(delivery_ids.len(), 4);
     assert!(hits.iter().all(|h| h.json()["event_id"] == id));
 
@@ -196,23 +144,13 @@ fn retries_follow_the_schedule_then_fail_with_distinct_delivery_ids() {
 fn succeeds_after_transient_failures_and_shows_retrying_meanwhile() {
     let rx = Receiver::start();
     let slow = "[delivery]\nretry_schedule = [\"100ms\", \"2s\"]\nallow_private_targets = true\n\n";
-    let d = Daemon::start(
-        "",
-        &format!(
-            "{slow}{}",
-            webhook(W1, CLIENT_A, &rx.url("/flaky/2/t"), r#"["*"]"#)
-        ),
-    );
+    let d = Daemon::start("", &format!("{slow}{}", webhook(W1, CLIENT_A, &rx.url("/flaky/2/t"), r#"["*"]"#)));
     let (_, body) = d.send("meeting.confirmed", CLIENT_A, "{}");
     let id = body["event_id"].as_str().unwrap();
     // After two failures the delivery waits 2 s: visible as retrying, with a due time.
     let ev = d.wait_settled(id, &["retrying"], SETTLE);
     wait_for("second attempt", SETTLE, || {
-        d.event(id)["deliveries"][0]["attempts"]
-            .as_array()
-            .unwrap()
-            .len()
-            == 2
+        d.event(id)["deliveries"][0]["attempts"].as_array().unwrap().len() == 2
     });
     let ev2 = d.event(id);
     let dl = &ev2["deliveries"][0];
@@ -220,10 +158,7 @@ fn succeeds_after_transient_failures_and_shows_retrying_meanwhile() {
     assert!(dl["next_attempt_at"].as_str().unwrap().ends_with('Z'));
     let ev = d.wait_settled(id, &["succeeded"], SETTLE);
     let attempts = ev["deliveries"][0]["attempts"].as_array().unwrap();
-    let codes: Vec<_> = attempts
-        .iter()
-        .map(|a| a["status_code"].as_u64().unwrap())
-        .collect();
+    let codes: Vec<_> = attempts.iter().map(|a| a["status_code"].as_u64().unwrap()).collect();
     assert_eq!(codes, vec![503, 503, 200]);
     assert!(attempts[2].get("error").is_none());
     assert_eq!(rx.hits_on("/flaky/2/t").len(), 3);
@@ -243,12 +178,7 @@ fn failures_get_reasons_a_person_understands() {
     let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
     let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["failed"], SETTLE);
     let reason = |w: &str| -> Value {
-        let dl = ev["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["webhook_id"] == w)
-            .unwrap();
+        let dl = ev["deliveries"].as_array().unwrap().iter().find(|d| d["webhook_id"] == w).unwrap();
         dl["attempts"][0].clone()
     };
     assert_eq!(reason(W1)["error"], "connection refused");
@@ -256,30 +186,20 @@ fn failures_get_reasons_a_person_understands() {
     assert_eq!(reason(W2)["error"], "timed out after 300ms");
     assert_eq!(reason(W3)["status_code"], 302);
     assert_eq!(reason(W3)["error"], "HTTP 302");
-    assert!(
-        rx.hits_on("/ok/redirected").is_empty(),
-        "redirects are never followed"
-    );
+    assert!(rx.hits_on("/ok/redirected").is_empty(), "redirects are never followed");
 }
 
 #[test]
 fn private_targets_are_blocked_by_default_even_through_a_hostname() {
     let rx = Receiver::start();
     let url = rx.url("/ok/blocked").replace("127.0.0.1", "localhost");
-    let cfg = format!(
-        "[delivery]\nretry_schedule = []\n\n{}",
-        webhook(W1, CLIENT_A, &url, r#"["*"]"#)
-    );
+    let cfg = format!("[delivery]\nretry_schedule = []\n\n{}", webhook(W1, CLIENT_A, &url, r#"["*"]"#));
     let d = Daemon::start("", &cfg);
     let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
     let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["failed"], SETTLE);
-    let error = ev["deliveries"][0]["attempts"][0]["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let error = ev["deliveries"][0]["attempts"][0]["error"].as_str().unwrap().to_owned();
     assert!(
-        error == "blocked: 127.0.0.1 is a loopback address"
-            || error == "blocked: ::1 is a loopback address",
+        error == "blocked: 127.0.0.1 is a loopback address" || error == "blocked: ::1 is a loopback address",
         "{error}"
     );
     assert!(rx.hits().is_empty());
@@ -294,10 +214,8 @@ fn test_endpoint_sends_a_test_delivery_to_that_webhook_only() {
         webhook(W2, CLIENT_A, &rx.url("/ok/t2"), r#"["*"]"#)
     );
     let d = Daemon::start("", &cfg);
-    let (status, body) = d.post(
-        &format!("/v1/webhooks/{W1}/test"),
-        r#"{"event_type":"meeting.no_show","data":{"x":1}}"#,
-    );
+    let (status, body) =
+        d.post(&format!("/v1/webhooks/{W1}/test"), r#"{"event_type":"meeting.no_show","data":{"x":1}}"#);
     assert_eq!(status, 202, "{body}");
     let id = body["event_id"].as_str().unwrap();
     let ev = d.wait_settled(id, &["succeeded"], SETTLE);
@@ -306,11 +224,7 @@ fn test_endpoint_sends_a_test_delivery_to_that_webhook_only() {
     assert_eq!(hits.len(), 1);
     let env = hits[0].json();
     assert_eq!(
-        (
-            env["test"].clone(),
-            env["event_type"].clone(),
-            env["data"]["x"].clone()
-        ),
+        (env["test"].clone(), env["event_type"].clone(), env["data"]["x"].clone()),
         (true.into(), "meeting.no_show".into(), 1.into())
     );
     assert_eq!(hits[0].path, "/ok/t1");
@@ -318,8 +232,36 @@ fn test_endpoint_sends_a_test_delivery_to_that_webhook_only() {
     // No body at all is fine too; an unknown webhook is a 404.
     assert_eq!(d.post(&format!("/v1/webhooks/{W2}/test"), "").0, 202);
     let (status, body) = d.post(&format!("/v1/webhooks/{W3}/test"), "");
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("not_found"))
-    );
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn standard_webhooks_headers_verify_and_keep_their_id_across_retries() {
+    use base64::Engine;
+    let rx = Receiver::start();
+    let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let hook = webhook(W1, CLIENT_A, &rx.url("/flaky/1/std"), r#"["*"]"#)
+        .replace(&format!("whsec_{W1}"), secret)
+        .replace("events =", "standard_webhooks = true\nevents =");
+    let d = Daemon::start("", &format!("{FAST}{hook}"));
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, r#"{"k":"v"}"#);
+    let id = body["event_id"].as_str().unwrap();
+    d.wait_settled(id, &["succeeded"], SETTLE);
+    let hits = rx.hits_on("/flaky/1/std");
+    assert_eq!(hits.len(), 2);
+    let key = base64::engine::general_purpose::STANDARD.decode(&secret["whsec_".len()..]).unwrap();
+    for hit in &hits {
+        assert_eq!(hit.header("webhook-id"), id, "webhook-id is the event_id on every attempt");
+        let ts = hit.header("webhook-timestamp");
+        assert_eq!(ts, hit.header("x-nexor-timestamp"));
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(&hit.body);
+        let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        assert_eq!(hit.header("webhook-signature"), format!("v1,{expected}"));
+        // The Nexor signature is still there, keyed by the secret as text.
+        let mut message = format!("{ts}.").into_bytes();
+        message.extend_from_slice(&hit.body);
+        assert_eq!(hit.header("x-nexor-signature"), format!("v1={}", hmac_hex(secret, &message)));
+    }
 }

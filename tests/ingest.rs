@@ -30,14 +30,7 @@ fn event_json(event_id: &str, data: &str) -> String {
 fn assert_error(answer: &(u16, Value), status: u16, code: &str) {
     assert_eq!(answer.0, status, "{}", answer.1);
     assert_eq!(answer.1["error"]["code"], code, "{}", answer.1);
-    assert!(
-        !answer.1["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .is_empty(),
-        "{}",
-        answer.1
-    );
+    assert!(!answer.1["error"]["message"].as_str().unwrap_or("").is_empty(), "{}", answer.1);
 }
 
 #[test]
@@ -65,8 +58,7 @@ fn bad_input_gets_its_code_and_stores_nothing() {
     let rx = Receiver::start();
     let d = daemon(&rx, "max_body = 2048");
     let with = |field: &str, value: &str| {
-        let mut v: serde_json::Map<String, Value> =
-            serde_json::from_str(&event_json(EID, "{}")).unwrap();
+        let mut v: serde_json::Map<String, Value> = serde_json::from_str(&event_json(EID, "{}")).unwrap();
         match value {
             "<absent>" => drop(v.remove(field)),
             _ => drop(v.insert(field.into(), serde_json::from_str(value).unwrap())),
@@ -77,11 +69,7 @@ fn bad_input_gets_its_code_and_stores_nothing() {
         ("{\"event_type\": ".into(), 400, "invalid_json"),
         ("not json".into(), 400, "invalid_json"),
         (with("event_type", "<absent>"), 422, "missing_field"),
-        (
-            with("event_type", r#""meeting.eaten""#),
-            422,
-            "invalid_field",
-        ),
+        (with("event_type", r#""meeting.eaten""#), 422, "invalid_field"),
         (with("client_id", "<absent>"), 422, "missing_field"),
         (with("client_id", r#""not-a-uuid""#), 422, "invalid_field"),
         (with("data", "<absent>"), 422, "missing_field"),
@@ -91,11 +79,7 @@ fn bad_input_gets_its_code_and_stores_nothing() {
         (with("timestamp", r#""yesterday""#), 422, "invalid_field"),
         (with("timestamp", "17"), 422, "invalid_field"),
         ("[]".into(), 422, "invalid_field"),
-        (
-            event_json(EID, &format!(r#"{{"pad":"{}"}}"#, "x".repeat(4096))),
-            413,
-            "body_too_large",
-        ),
+        (event_json(EID, &format!(r#"{{"pad":"{}"}}"#, "x".repeat(4096))), 413, "body_too_large"),
     ];
     for (body, status, code) in &cases {
         let answer = d.post("/v1/events", body);
@@ -103,10 +87,7 @@ fn bad_input_gets_its_code_and_stores_nothing() {
         let missing = d.get(&format!("/v1/events/{EID}"));
         assert_error(&missing, 404, "not_found");
     }
-    assert!(
-        rx.hits().is_empty(),
-        "nothing from a rejected request is delivered"
-    );
+    assert!(rx.hits().is_empty(), "nothing from a rejected request is delivered");
     // The same id is still free: a good request now stores it.
     assert_eq!(d.post("/v1/events", &event_json(EID, "{}")).0, 202);
 }
@@ -117,35 +98,13 @@ fn api_token_guards_every_v1_call() {
     let d = daemon(&rx, "api_token = \"s3cret-token\"");
     let body = event_json(EID, "{}");
     assert_error(&d.post("/v1/events", &body), 401, "unauthorized");
-    assert_error(
-        &d.request("POST", "/v1/events", Some("wrong"), Some(body.as_bytes())),
-        401,
-        "unauthorized",
-    );
+    assert_error(&d.request("POST", "/v1/events", Some("wrong"), Some(body.as_bytes())), 401, "unauthorized");
     assert_error(&d.get(&format!("/v1/events/{EID}")), 401, "unauthorized");
-    assert_error(
-        &d.post(&format!("/v1/webhooks/{W1}/test"), ""),
-        401,
-        "unauthorized",
-    );
+    assert_error(&d.post(&format!("/v1/webhooks/{W1}/test"), ""), 401, "unauthorized");
     assert_eq!(d.get("/healthz").0, 200, "health needs no token");
-    let ok = d.request(
-        "POST",
-        "/v1/events",
-        Some("s3cret-token"),
-        Some(body.as_bytes()),
-    );
+    let ok = d.request("POST", "/v1/events", Some("s3cret-token"), Some(body.as_bytes()));
     assert_eq!(ok.0, 202);
-    assert_eq!(
-        d.request(
-            "GET",
-            &format!("/v1/events/{EID}"),
-            Some("s3cret-token"),
-            None
-        )
-        .0,
-        200
-    );
+    assert_eq!(d.request("GET", &format!("/v1/events/{EID}"), Some("s3cret-token"), None).0, 200);
     assert!(!d.log().contains("s3cret-token"));
 }
 
@@ -162,23 +121,15 @@ fn unknown_ids_and_paths_are_json_404s() {
 fn a_second_daemon_on_the_same_storage_is_refused() {
     let rx = Receiver::start();
     let d = daemon(&rx, "");
-    let text = std::fs::read_to_string(d.config_path()).unwrap().replace(
-        &d.base.replace("http://", ""),
-        &format!("127.0.0.1:{}", free_port()),
-    );
+    let text = std::fs::read_to_string(d.config_path())
+        .unwrap()
+        .replace(&d.base.replace("http://", ""), &format!("127.0.0.1:{}", free_port()));
     let other = d.dir.path().join("second.toml");
     write_file(&other, &text);
-    let out = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&other)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&other).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("another nexor-webhookd is already using the storage directory"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("another nexor-webhookd is already using the storage directory"), "{stderr}");
 }
 
 #[test]
@@ -187,21 +138,10 @@ fn check_config_names_file_line_and_reason() {
     let good = dir.path().join("good.toml");
     write_file(
         &good,
-        &format!(
-            "[storage]\npath = \"d\"\n\n{}",
-            webhook(W1, CLIENT_A, "https://example.com/h", r#"["*"]"#)
-        ),
+        &format!("[storage]\npath = \"d\"\n\n{}", webhook(W1, CLIENT_A, "https://example.com/h", r#"["*"]"#)),
     );
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(bin()).args(["check-config", "--config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let bad = dir.path().join("bad.toml");
     write_file(
@@ -211,24 +151,13 @@ fn check_config_names_file_line_and_reason() {
             webhook(W1, CLIENT_A, "https://example.com/h", r#"["*"]"#)
         ),
     );
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["check-config", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&format!("{}:3: unknown field `flavour`", bad.display())),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("{}:3: unknown field `flavour`", bad.display())), "{stderr}");
 
     // `run` refuses the same file and never opens storage.
-    let out = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `flavour`"));
     assert!(!dir.path().join("d").exists());

@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,11 +16,8 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 /// The code block that follows `<!-- recipe:NAME -->` in the README.
 fn recipe(name: &str) -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
-        .find(&format!("<!-- recipe:{name} -->"))
-        .expect("recipe marker in README");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find(&format!("<!-- recipe:{name} -->")).expect("recipe marker in README");
     let block = &readme[start..];
     let open = block.find("```").unwrap();
     let body = &block[open..];
@@ -29,22 +27,14 @@ fn recipe(name: &str) -> String {
 }
 
 /// One real delivery: its headers (as JSON) and raw body, written to files.
-fn captured_delivery(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+fn captured_delivery(dir: &Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
     let rx = Receiver::start();
     let cfg = format!(
         "[delivery]\nallow_private_targets = true\n\n{}",
         webhook(W1, CLIENT_A, &rx.url("/ok/r"), r#"["*"]"#)
     );
     let d = Daemon::start("", &cfg);
-    assert_eq!(
-        d.send(
-            "meeting.completed",
-            CLIENT_A,
-            r#"{"note": "naïve \"quoted\"", "n": 1.50}"#
-        )
-        .0,
-        202
-    );
+    assert_eq!(d.send("meeting.completed", CLIENT_A, r#"{"note": "naïve \"quoted\"", "n": 1.50}"#).0, 202);
     wait_for("a delivery", SETTLE, || rx.hits().len() == 1);
     let hit = rx.hits().remove(0);
     let headers = dir.join("headers.json");
@@ -55,80 +45,110 @@ fn captured_delivery(dir: &std::path::Path) -> (String, std::path::PathBuf, std:
 }
 
 fn runtime_present(cmd: &str) -> bool {
-    Command::new(cmd)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    let flag = if cmd == "go" { "version" } else { "--version" };
+    Command::new(cmd).arg(flag).output().is_ok_and(|o| o.status.success())
 }
 
-/// Runs `program` on `script`, expecting exit 0 for the real delivery and
-/// exit 1 once the body is tampered with.
-fn check_recipe(
-    program: &str,
-    flag: &str,
-    script: &str,
-    secret: &str,
-    headers: &std::path::Path,
-    body: &std::path::Path,
-) {
-    let dir = body.parent().unwrap();
-    let run = |body_file: &std::path::Path| {
-        Command::new(program)
-            .args([flag, script])
-            .env("SECRET", secret)
-            .env("HEADERS", headers)
-            .env("BODY", body_file)
-            .status()
-            .unwrap()
-            .code()
+/// Runs a recipe's driver (`cmd` plus the body file's path in `BODY`),
+/// expecting exit 0 for the real delivery and exit 1 once the body is
+/// tampered with.
+fn check_recipe(name: &str, cmd: impl Fn() -> Command, secret: &str, headers: &Path, body: &Path) {
+    let run = |body_file: &Path| {
+        cmd().env("SECRET", secret).env("HEADERS", headers).env("BODY", body_file).status().unwrap().code()
     };
-    assert_eq!(
-        run(body),
-        Some(0),
-        "{program} recipe rejects a genuine delivery"
-    );
+    assert_eq!(run(body), Some(0), "{name} recipe rejects a genuine delivery");
     let mut tampered = std::fs::read(body).unwrap();
     let last = tampered.len() - 2;
     tampered[last] ^= 1;
-    let tampered_file = dir.join("tampered.bin");
+    let tampered_file = body.with_file_name("tampered.bin");
     std::fs::write(&tampered_file, tampered).unwrap();
-    assert_eq!(
-        run(&tampered_file),
-        Some(1),
-        "{program} recipe accepts a tampered body"
-    );
+    assert_eq!(run(&tampered_file), Some(1), "{name} recipe accepts a tampered body");
+}
+
+fn inline(program: &'static str, flag: &'static str, script: String) -> impl Fn() -> Command {
+    move || {
+        let mut c = Command::new(program);
+        c.args([flag, &script]);
+        c
+    }
 }
 
 #[test]
 fn readme_recipes_verify_a_real_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let (secret, headers, body) = captured_delivery(dir.path());
-    let mut ran = 0;
-    if runtime_present("python3") {
-        let py = format!(
-            "{}\nimport json, os, sys\nh = json.load(open(os.environ['HEADERS']))\nb = open(os.environ['BODY'], 'rb').read()\nsys.exit(0 if verify_nexor(os.environ['SECRET'], h, b) else 1)\n",
-            recipe("python")
-        );
-        check_recipe("python3", "-c", &py, &secret, &headers, &body);
-        ran += 1;
-    } else {
-        eprintln!("skipped: python3 not installed");
-    }
-    if runtime_present("node") {
-        let js = format!(
-            "{}\nconst fs = require('fs');\nconst h = JSON.parse(fs.readFileSync(process.env.HEADERS));\nconst b = fs.readFileSync(process.env.BODY);\nprocess.exit(verifyNexor(process.env.SECRET, h, b) ? 0 : 1);\n",
-            recipe("node")
-        );
-        check_recipe("node", "-e", &js, &secret, &headers, &body);
-        ran += 1;
-    } else {
-        eprintln!("skipped: node not installed");
-    }
+    let mut ran = Vec::new();
+    let mut attempt = |runtime: &str, name: &'static str, cmd: &dyn Fn() -> Box<dyn Fn() -> Command>| {
+        if runtime_present(runtime) {
+            check_recipe(name, cmd(), &secret, &headers, &body);
+            ran.push(name);
+        } else {
+            eprintln!("skipped the {name} recipe: {runtime} is not installed");
+        }
+    };
+    attempt("python3", "python", &|| {
+        let driver = "import json, os, sys\nh = json.load(open(os.environ['HEADERS']))\nb = open(os.environ['BODY'], 'rb').read()\nsys.exit(0 if verify_nexor(os.environ['SECRET'], h, b) else 1)\n";
+        Box::new(inline("python3", "-c", format!("{}\n{driver}", recipe("python"))))
+    });
+    attempt("node", "node", &|| {
+        let driver = "const fs = require('fs');\nconst h = JSON.parse(fs.readFileSync(process.env.HEADERS));\nconst b = fs.readFileSync(process.env.BODY);\nprocess.exit(verifyNexor(process.env.SECRET, h, b) ? 0 : 1);\n";
+        Box::new(inline("node", "-e", format!("{}\n{driver}", recipe("node"))))
+    });
+    attempt("ruby", "ruby", &|| {
+        let driver = "require 'json'\nh = JSON.parse(File.read(ENV['HEADERS']))\nb = File.binread(ENV['BODY'])\nexit(verify_nexor(ENV['SECRET'], h, b) ? 0 : 1)\n";
+        Box::new(inline("ruby", "-e", format!("{}\n{driver}", recipe("ruby"))))
+    });
+    attempt("go", "go", &|| {
+        let src = dir.path().join("gorecipe");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("recipe.go"), recipe("go").replace("package nexor", "package main")).unwrap();
+        std::fs::write(src.join("main.go"), GO_DRIVER).unwrap();
+        let exe = src.join("verify");
+        let built = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&exe)
+            .arg("recipe.go")
+            .arg("main.go")
+            .current_dir(&src)
+            .env("GOFLAGS", "-mod=mod")
+            .env("GO111MODULE", "off")
+            .status()
+            .unwrap();
+        assert!(built.success(), "the Go recipe does not compile");
+        Box::new(move || Command::new(&exe))
+    });
     assert!(
-        ran > 0 || std::env::var_os("CI").is_none(),
-        "CI must run at least one recipe"
+        ran.len() >= 2 || std::env::var_os("CI").is_none(),
+        "CI must run at least the Python and Node recipes"
     );
 }
+
+const GO_DRIVER: &str = r#"package main
+
+import (
+	"encoding/json"
+	"net/http"
+	"os"
+	"time"
+)
+
+func main() {
+	var h map[string]string
+	raw, _ := os.ReadFile(os.Getenv("HEADERS"))
+	if json.Unmarshal(raw, &h) != nil {
+		os.Exit(2)
+	}
+	header := http.Header{}
+	for k, v := range h {
+		header.Set(k, v)
+	}
+	body, _ := os.ReadFile(os.Getenv("BODY"))
+	if VerifyNexor(os.Getenv("SECRET"), header, body, 5*time.Minute) {
+		os.Exit(0)
+	}
+	os.Exit(1)
+}
+"#;
 
 #[test]
 fn verify_command_accepts_genuine_and_rejects_tampered() {
@@ -157,15 +177,9 @@ fn verify_command_accepts_genuine_and_rejects_tampered() {
             .arg(&body)
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
     };
-    assert_eq!(
-        verify("whsec_test", sig, "100000d"),
-        (Some(0), "valid".into())
-    );
+    assert_eq!(verify("whsec_test", sig, "100000d"), (Some(0), "valid".into()));
     let rotated = format!("v1={},{sig}", "0".repeat(64));
     assert_eq!(verify("whsec_test", &rotated, "100000d").0, Some(0));
     assert_eq!(
@@ -182,13 +196,7 @@ fn receive_command_verifies_deliveries_from_the_daemon() {
     let port = free_port();
     let secret = format!("whsec_{W1}");
     let mut receiver = Command::new(bin())
-        .args([
-            "receive",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--secret",
-            &secret,
-        ])
+        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", &secret])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -196,12 +204,7 @@ fn receive_command_verifies_deliveries_from_the_daemon() {
     assert!(lines.next().unwrap().unwrap().starts_with("listening on"));
     let cfg = format!(
         "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(
-            W1,
-            CLIENT_A,
-            &format!("http://127.0.0.1:{port}/hook"),
-            r#"["*"]"#
-        )
+        webhook(W1, CLIENT_A, &format!("http://127.0.0.1:{port}/hook"), r#"["*"]"#)
     );
     let d = Daemon::start("", &cfg);
     let (_, body) = d.send("meeting.no_show", CLIENT_A, "{}");

@@ -23,10 +23,7 @@ pub const CLIENT_B: &str = "0d2b7f4c-93a1-4b0e-8f7d-2e5c9a1b3c4d";
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -46,10 +43,7 @@ impl Hit {
         serde_json::from_slice(&self.body).expect("delivery body is JSON")
     }
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
-            .unwrap_or("")
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str).unwrap_or("")
     }
 }
 
@@ -70,17 +64,10 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let r = Receiver {
-            base,
-            hits: Default::default(),
-            counts: Default::default(),
-        };
+        let r = Receiver { base, hits: Default::default(), counts: Default::default() };
         let state = r.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let app = axum::Router::new().fallback(answer).with_state(state);
@@ -120,13 +107,9 @@ async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: B
         }
         Some("each") => {
             let first_failures: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(1);
-            let event_id = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .map(|v| v["event_id"].to_string());
+            let event_id = serde_json::from_slice::<Value>(&body).ok().map(|v| v["event_id"].to_string());
             let mut counts = r.counts.lock().unwrap();
-            let c = counts
-                .entry(format!("{path} {}", event_id.unwrap_or_default()))
-                .or_default();
+            let c = counts.entry(format!("{path} {}", event_id.unwrap_or_default())).or_default();
             *c += 1;
             (if *c <= first_failures { 500 } else { 200 }, None)
         }
@@ -155,11 +138,7 @@ async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: B
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `[[webhooks]]` table.
@@ -197,12 +176,7 @@ impl Daemon {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .new_agent();
-        let mut d = Daemon {
-            base: format!("http://127.0.0.1:{port}"),
-            dir,
-            child: None,
-            agent,
-        };
+        let mut d = Daemon { base: format!("http://127.0.0.1:{port}"), dir, child: None, agent };
         d.spawn();
         d
     }
@@ -238,11 +212,7 @@ impl Daemon {
             if self.get("/healthz").0 == 200 {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not healthy in time:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "daemon not healthy in time:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -285,10 +255,7 @@ impl Daemon {
                 r.call()
             }
             _ => {
-                let mut r = self
-                    .agent
-                    .post(&url)
-                    .header("content-type", "application/json");
+                let mut r = self.agent.post(&url).header("content-type", "application/json");
                 if let Some(a) = &auth {
                     r = r.header("authorization", a);
                 }
@@ -299,10 +266,7 @@ impl Daemon {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
                 let text = resp.body_mut().read_to_string().unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
+                (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
             }
             Err(_) => (0, Value::Null),
         }
@@ -352,8 +316,5 @@ impl Drop for Daemon {
 }
 
 pub fn write_file(path: &Path, text: &str) {
-    std::fs::File::create(path)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    std::fs::File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
 }

@@ -1,0 +1,181 @@
+//! Event calls: ingest, inspection, redelivery and test sends.
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{delivery_json, parse_id, requeue, ApiError, AppState};
+use crate::clock;
+use crate::event::{self, EventType, IngestError};
+use crate::store::{EventRecord, Ingested, NewEvent, Status};
+
+/// `POST /v1/events`.
+pub async fn ingest(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let input = event::parse_ingest(&body?)?;
+    let now = clock::now_ms();
+    let record = EventRecord {
+        event_id: input.event_id.unwrap_or_else(Uuid::new_v4),
+        event_type: input.event_type,
+        client_id: input.client_id,
+        timestamp_ms: input.timestamp_ms.unwrap_or(now),
+        timestamp_given: input.timestamp_ms.is_some(),
+        test: false,
+        data: input.data,
+    };
+    let webhooks =
+        state.config.get().subscribers(&record.client_id, record.event_type).map(|w| w.id).collect();
+    store_event(&state, record, webhooks).await
+}
+
+async fn store_event(
+    state: &AppState,
+    record: EventRecord,
+    webhooks: Vec<Uuid>,
+) -> Result<Response, ApiError> {
+    let (event_id, event_type) = (record.event_id, record.event_type);
+    match state.store.ingest(NewEvent { record, webhooks }).await? {
+        Ingested::Accepted(due) => {
+            let deliveries = due.len();
+            state.dispatcher.scheduled(due);
+            state.metrics.event_accepted(event_type);
+            Ok((StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "deliveries": deliveries })))
+                .into_response())
+        }
+        Ingested::Duplicate => {
+            Ok((StatusCode::OK, Json(json!({ "event_id": event_id, "duplicate": true }))).into_response())
+        }
+        Ingested::Conflict => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "event_id_conflict",
+            format!("event_id {event_id} was already used for an event with different content"),
+        )),
+    }
+}
+
+/// The event's sequence number and record, or a 404.
+fn find(state: &AppState, event_id: &str) -> Result<(u64, EventRecord), ApiError> {
+    let id = parse_id(event_id, "event")?;
+    let not_found = || ApiError::not_found(format!("no event {id}"));
+    let seq = state.store.find_event(&id)?.ok_or_else(not_found)?;
+    Ok((seq, state.store.event(seq)?.ok_or_else(not_found)?))
+}
+
+/// `GET /v1/events/{event_id}`.
+pub async fn show(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (seq, event) = find(&state, &event_id)?;
+    let deliveries: Vec<Value> = state.store.deliveries(seq)?.iter().map(|(_, d)| delivery_json(d)).collect();
+    let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+    Ok(Json(json!({
+        "event_id": event.event_id,
+        "event_type": event.event_type.as_str(),
+        "client_id": event.client_id,
+        "timestamp": clock::format_ms(event.timestamp_ms),
+        "test": event.test,
+        "data": data,
+        "deliveries": deliveries,
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct RedeliverQuery {
+    webhook_id: Option<String>,
+}
+
+/// `POST /v1/events/{event_id}/redeliver[?webhook_id=]`: every failed or
+/// cancelled delivery of the event (to enabled webhooks) is attempted again
+/// now, with a fresh retry schedule.
+pub async fn redeliver(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+    query: Result<Query<RedeliverQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
+    let (seq, event) = find(&state, &event_id)?;
+    let only = query.webhook_id.as_deref().map(|w| parse_id(w, "webhook")).transpose()?;
+    let config = state.config.get();
+    let keys: Vec<_> = state
+        .store
+        .deliveries(seq)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| only.is_none_or(|w| w == k.webhook))
+        .collect();
+    if let (Some(w), true) = (only, keys.is_empty()) {
+        return Err(ApiError::not_found(format!("event {} has no delivery to webhook {w}", event.event_id)));
+    }
+    // A webhook that is gone or disabled would only cancel the attempt again.
+    let (live, skipped): (Vec<_>, Vec<_>) =
+        keys.into_iter().partition(|k| config.webhook(&k.webhook).is_some_and(|w| w.enabled));
+    let requeued = requeue(&state, live, &[Status::Failed, Status::Cancelled]).await?;
+    Ok(Json(json!({ "event_id": event.event_id, "requeued": requeued, "skipped_disabled": skipped.len() })))
+}
+
+/// `POST /v1/webhooks/{id}/test`: one `test: true` event to this webhook only.
+/// Optional body `{"event_type": …, "data": {…}}`.
+pub async fn test_send(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let config = state.config.get();
+    let webhook = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
+    if !webhook.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_disabled",
+            format!("webhook {id} is disabled"),
+        ));
+    }
+    let (event_type, data) = parse_test_body(&body?)?;
+    let record = EventRecord {
+        event_id: Uuid::new_v4(),
+        event_type,
+        client_id: webhook.client_id,
+        timestamp_ms: clock::now_ms(),
+        timestamp_given: false,
+        test: true,
+        data,
+    };
+    store_event(&state, record, vec![id]).await
+}
+
+fn parse_test_body(body: &[u8]) -> Result<(EventType, String), ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TestBody<'a> {
+        event_type: Option<String>,
+        #[serde(borrow)]
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok((EventType::MeetingScheduled, "{}".into()));
+    }
+    let t: TestBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => IngestError::Invalid { field: "body", message: e.to_string() },
+        _ => IngestError::Unparseable(e.to_string()),
+    })?;
+    let event_type = match t.event_type {
+        None => EventType::MeetingScheduled,
+        Some(name) => EventType::parse(&name)
+            .ok_or_else(|| ApiError::invalid("event_type", format!("unknown event type {name:?}")))?,
+    };
+    let data = match t.data {
+        None => "{}".to_owned(),
+        Some(d) if d.get().starts_with('{') => d.get().to_owned(),
+        Some(_) => return Err(ApiError::invalid("data", "`data` must be a JSON object")),
+    };
+    Ok((event_type, data))
+}

@@ -1,0 +1,222 @@
+//! The local HTTP API (axum): ingest, inspection, redelivery, test sends,
+//! health and metrics.
+//!
+//! Handlers validate input with [`crate::event`], hand writes to the
+//! [`Store`] and newly due deliveries to the [`Dispatcher`]; they never touch
+//! sled or make outbound requests themselves. Every error answer has the
+//! contract's shape `{"error": {"code", "message"}}`. [`events`] serves the
+//! event calls, [`webhooks`] the per-webhook ones.
+
+mod events;
+mod webhooks;
+
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::clock;
+use crate::config;
+use crate::dispatch::Dispatcher;
+use crate::event::IngestError;
+use crate::metrics::{Metrics, Snapshot};
+use crate::store::{Attempt, DeliveryKey, DeliveryRecord, Due, Status, Store, StoreError};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: config::Shared,
+    pub dispatcher: Dispatcher,
+    pub metrics: Metrics,
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/events", post(events::ingest))
+        .route("/events/{event_id}", get(events::show))
+        .route("/events/{event_id}/redeliver", post(events::redeliver))
+        .route("/webhooks", get(webhooks::list))
+        .route("/webhooks/{id}", get(webhooks::show))
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route("/webhooks/{id}/recover", post(webhooks::recover))
+        .route("/webhooks/{id}/test", post(events::test_send))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // The body limit is fixed at start; a reload that changes it says so.
+    let max_body = state.config.get().server.max_body;
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// An error answer in the contract's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        IngestError::Invalid { field, message: message.into() }.into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Unparseable(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", m),
+            IngestError::Invalid { field, message } => {
+                let code =
+                    if message.starts_with("missing field") { "missing_field" } else { "invalid_field" };
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, format!("{field}: {message}"))
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "storage error answering a request");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::invalid("query", r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body exceeds [server] max_body",
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", r.body_text())
+        }
+    }
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.config.get().server.api_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /metrics`: Prometheus text format. Outside `/v1`, so it needs no token.
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let now = clock::now_ms().max(0) as u64;
+    let config = state.config.get();
+    let store = state.store.clone();
+    let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot, StoreError> {
+        let mut waiting = 0;
+        let mut webhooks = Vec::new();
+        for w in config.webhooks() {
+            let s = store.webhook_stats(&w.id)?;
+            waiting += s.count(Status::Pending) + s.count(Status::Retrying);
+            webhooks.push((w.id, s.consecutive_failures, s.last_success_ms.map(|t| t as f64 / 1000.0)));
+        }
+        let oldest = store.first_due_from(Due::at(0))?.filter(|d| d.at_ms <= now);
+        let due_now = store.count_due(now)?;
+        Ok(Snapshot {
+            due_now,
+            scheduled_later: waiting.saturating_sub(due_now),
+            oldest_due_age_seconds: oldest.map_or(0.0, |d| (now - d.at_ms) as f64 / 1000.0),
+            storage_bytes: store.size_on_disk(),
+            webhooks,
+        })
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+    let body = state.metrics.render(snapshot);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+}
+
+fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .ok()
+        .filter(|_| text.len() == 36)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} {text:?}")))
+}
+
+fn attempt_json(a: &Attempt) -> Value {
+    let mut v = json!({
+        "delivery_id": a.delivery_id,
+        "started_at": clock::format_ms(a.started_at_ms),
+        "duration_ms": a.duration_ms,
+        "response_body": a.response_body,
+    });
+    if let Some(code) = a.status_code {
+        v["status_code"] = json!(code);
+    }
+    if let Some(e) = &a.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+/// A delivery as the contract shows it inside an event.
+fn delivery_json(d: &DeliveryRecord) -> Value {
+    json!({
+        "webhook_id": d.webhook_id,
+        "status": d.status.as_str(),
+        "next_attempt_at": d.next_attempt_at.map(clock::format_ms),
+        "attempts": d.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Queues `keys` whose status is in `from` for an attempt now; returns how many.
+async fn requeue(
+    state: &AppState,
+    keys: Vec<DeliveryKey>,
+    from: &'static [Status],
+) -> Result<usize, ApiError> {
+    let due = state.store.requeue(keys, from).await?;
+    let n = due.len();
+    state.dispatcher.scheduled(due);
+    Ok(n)
+}

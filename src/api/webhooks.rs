@@ -1,0 +1,154 @@
+//! Per-webhook calls: configuration and health, the delivery log, recovery.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{attempt_json, parse_id, requeue, ApiError, AppState};
+use crate::clock;
+use crate::config::{Events, Webhook};
+use crate::store::{first_seq_at, seq_time_ms, Status};
+
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+/// A webhook's configuration (secret redacted) and its delivery health.
+fn webhook_json(state: &AppState, w: &Webhook) -> Result<Value, ApiError> {
+    let stats = state.store.webhook_stats(&w.id)?;
+    let events: Vec<&str> = match &w.events {
+        Events::All => vec!["*"],
+        Events::Only(list) => list.iter().map(|t| t.as_str()).collect(),
+    };
+    let counts: serde_json::Map<String, Value> =
+        Status::ALL.iter().map(|s| (s.as_str().to_owned(), json!(stats.count(*s)))).collect();
+    Ok(json!({
+        "id": w.id,
+        "client_id": w.client_id,
+        "url": w.url,
+        "events": events,
+        "enabled": w.enabled,
+        "standard_webhooks": w.standard_key.is_some(),
+        "secret": "<redacted>",
+        "health": {
+            "last_success_at": stats.last_success_ms.map(clock::format_ms),
+            "last_failure_at": stats.last_failure_ms.map(clock::format_ms),
+            "last_failure": stats.last_failure,
+            "consecutive_failures": stats.consecutive_failures,
+            "deliveries": counts,
+        },
+    }))
+}
+
+/// `GET /v1/webhooks`.
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let config = state.config.get();
+    let webhooks =
+        config.webhooks().iter().map(|w| webhook_json(&state, w)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "webhooks": webhooks })))
+}
+
+/// `GET /v1/webhooks/{id}`.
+pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let config = state.config.get();
+    let w = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
+    Ok(Json(webhook_json(&state, w)?))
+}
+
+#[derive(Deserialize)]
+pub struct DeliveriesQuery {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/webhooks/{id}/deliveries?status=&limit=&cursor=`: newest first.
+/// The cursor is the position after the page's last delivery, so pages stay
+/// stable while new events arrive. Works for webhooks no longer configured.
+pub async fn deliveries(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<DeliveriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let id = parse_id(&id, "webhook")?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                let known = Status::ALL.map(Status::as_str).join(", ");
+                ApiError::invalid("status", format!("{s:?} is not one of {known}"))
+            })
+        })
+        .transpose()?;
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", format!("limit must be 1 to {MAX_PAGE}")))?,
+    };
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<u64>().map_err(|_| ApiError::invalid("cursor", "cursor is not one this API gave out"))
+        })
+        .transpose()?;
+    let page = state.store.webhook_deliveries(id, before, status, limit)?;
+    let mut out = Vec::with_capacity(page.deliveries.len());
+    for (key, d) in &page.deliveries {
+        let Some(event) = state.store.event(key.seq)? else { continue };
+        out.push(json!({
+            "event_id": event.event_id,
+            "event_type": event.event_type.as_str(),
+            "created_at": clock::format_ms(seq_time_ms(key.seq)),
+            "test": event.test,
+            "status": d.status.as_str(),
+            "next_attempt_at": d.next_attempt_at.map(clock::format_ms),
+            "attempts": d.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(Json(json!({ "deliveries": out, "next_cursor": page.next.map(|c| c.to_string()) })))
+}
+
+#[derive(Deserialize)]
+pub struct RecoverQuery {
+    since: Option<String>,
+}
+
+/// `POST /v1/webhooks/{id}/recover?since=<RFC 3339>`: every failed delivery
+/// to this webhook of an event received since then is attempted again now.
+pub async fn recover(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<RecoverQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let id = parse_id(&id, "webhook")?;
+    let config = state.config.get();
+    let w = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
+    if !w.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_disabled",
+            format!("webhook {id} is disabled"),
+        ));
+    }
+    let since =
+        q.since.ok_or_else(|| ApiError::invalid("since", "missing query parameter `since` (RFC 3339)"))?;
+    let since_ms = clock::parse_rfc3339_ms(&since)
+        .ok_or_else(|| ApiError::invalid("since", format!("{since:?} is not an RFC 3339 timestamp")))?;
+    let keys = state.store.webhook_delivery_keys_since(id, first_seq_at(since_ms))?;
+    let mut requeued = 0;
+    // Bounded batches keep each committer request small.
+    for chunk in keys.chunks(1000) {
+        requeued += requeue(&state, chunk.to_vec(), &[Status::Failed]).await?;
+    }
+    Ok(Json(json!({ "webhook_id": id, "since": clock::format_ms(since_ms), "requeued": requeued })))
+}

@@ -1,0 +1,50 @@
+//! Retention: deletes events whose deliveries are all final (succeeded,
+//! failed or cancelled) once they are older than `[storage] retention`.
+//!
+//! Runs as a background task in small batches through the store's committer,
+//! so ingest and delivery are never held up for long. Events are keyed by
+//! time, so "older than the cutoff" is a range scan from the start; an event
+//! still waiting for a retry is skipped until it is final.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock;
+use crate::config;
+use crate::store::{first_seq_at, Store, StoreError};
+
+/// Events examined per committer request.
+const BATCH: usize = 512;
+
+pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let retention = config.get().storage.retention;
+            match prune_once(&store, retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "retention: deleted old events"),
+                Err(e) => tracing::error!(error = %e, "retention: cannot prune; will try again"),
+            }
+            // Check ten times per retention period, between 50 ms and 10 min.
+            let pause = (retention / 10).clamp(Duration::from_millis(50), Duration::from_secs(600));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.notified() => return,
+            }
+        }
+    })
+}
+
+/// One pass over everything older than the cutoff; returns events deleted.
+async fn prune_once(store: &Store, retention: Duration) -> Result<usize, StoreError> {
+    let cutoff = first_seq_at(clock::now_ms() - retention.as_millis() as i64);
+    let (mut after, mut deleted) = (0, 0);
+    loop {
+        let seqs = store.events_between(after, cutoff, BATCH)?;
+        let Some(&last) = seqs.last() else { return Ok(deleted) };
+        after = last;
+        deleted += store.prune(seqs).await?;
+    }
+}

@@ -1,0 +1,331 @@
+//! The single writer. It drains waiting requests, applies them as one atomic
+//! sled batch, flushes, `fdatasync`s sled's data file, and only then answers
+//! them all (group commit). Being the only writer, it also owns sequence
+//! numbering, the `event_id` uniqueness check and the read-modify-write of
+//! deliveries and webhook stats, all without locks.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::records::*;
+use super::{codec, keys, StoreError};
+use crate::clock;
+
+/// Most requests folded into one batch and one fsync.
+const MAX_BATCH: usize = 4096;
+
+pub enum Op {
+    Ingest(NewEvent),
+    Record(Outcome),
+    /// Queue these deliveries for an attempt now, if their status is in `from`.
+    Requeue {
+        keys: Vec<DeliveryKey>,
+        from: &'static [Status],
+    },
+    /// Stop these deliveries if they are still waiting for an attempt.
+    Cancel(Vec<DeliveryKey>),
+    /// Delete these events, where every delivery of one is final.
+    Prune(Vec<u64>),
+}
+
+pub enum Reply {
+    Ingested(Ingested),
+    Recorded,
+    Queued(Vec<Due>),
+    Count(usize),
+}
+
+pub struct Request {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+pub struct Committer {
+    pub db: sled::Db,
+    pub data_file: File,
+    pub last_seq: u64,
+}
+
+/// Writes of one batch, readable before they are applied so that later
+/// requests in the same batch see earlier ones.
+#[derive(Default)]
+struct Pending {
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Pending {
+    fn insert(&mut self, key: &[u8], value: Vec<u8>) {
+        self.batch.insert(key, value.clone());
+        self.overlay.insert(key.to_vec(), Some(value));
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.batch.remove(key);
+        self.overlay.insert(key.to_vec(), None);
+    }
+
+    fn get(&self, db: &sled::Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(db.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        db: &sled::Db,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.get(db, key)?.map(|v| codec::decode(key, &v)).transpose()
+    }
+}
+
+impl Committer {
+    pub fn run(mut self, rx: mpsc::Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut requests = vec![first];
+            while requests.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit(requests);
+        }
+    }
+
+    fn commit(&mut self, requests: Vec<Request>) {
+        let mut p = Pending::default();
+        let seq_before = self.last_seq;
+        let answers: Vec<_> = requests.into_iter().map(|r| (self.apply(&mut p, r.op), r.reply)).collect();
+        let written = self
+            .db
+            .apply_batch(p.batch)
+            .and_then(|_| self.db.flush())
+            .map_err(StoreError::from)
+            .and_then(|_| self.data_file.sync_data().map_err(StoreError::from));
+        if let Err(e) = &written {
+            // Nothing of this batch is acknowledged; its sequence numbers may be reused.
+            tracing::error!(error = %e, "storage write failed");
+            self.last_seq = seq_before;
+        }
+        for (answer, reply) in answers {
+            let answer = match &written {
+                Ok(_) => answer,
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn apply(&mut self, p: &mut Pending, op: Op) -> Result<Reply, StoreError> {
+        match op {
+            Op::Ingest(ev) => self.ingest(p, ev).map(Reply::Ingested),
+            Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
+            Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
+            Op::Cancel(keys) => self.cancel(p, keys).map(Reply::Count),
+            Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Count),
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        // Milliseconds in the high bits keep keys time-ordered across restarts;
+        // the low 16 bits number events within a millisecond.
+        self.last_seq = (self.last_seq + 1).max(first_seq_at(clock::now_ms()));
+        self.last_seq
+    }
+
+    fn ingest(&mut self, p: &mut Pending, ev: NewEvent) -> Result<Ingested, StoreError> {
+        let index_key = keys::index(&ev.record.event_id);
+        if let Some(seq) = p.get(&self.db, &index_key)? {
+            let seq = keys::u64_at(&seq, 0);
+            let stored: EventRecord = p.decode(&self.db, &keys::event(seq))?.ok_or_else(|| {
+                StoreError::Corrupt { key: format!("event {seq}"), reason: "index points at nothing".into() }
+            })?;
+            return Ok(if same_content(&stored, &ev.record) {
+                Ingested::Duplicate
+            } else {
+                Ingested::Conflict
+            });
+        }
+        let seq = self.next_seq();
+        let now = clock::now_ms();
+        p.insert(&index_key, seq.to_be_bytes().to_vec());
+        p.insert(&keys::event(seq), codec::encode(&ev.record));
+        let mut due = Vec::with_capacity(ev.webhooks.len());
+        for webhook in ev.webhooks {
+            let key = DeliveryKey { seq, webhook };
+            let record = DeliveryRecord {
+                webhook_id: webhook,
+                status: Status::Pending,
+                next_attempt_at: Some(now),
+                attempts: Vec::new(),
+                round_start: 0,
+            };
+            p.insert(&keys::delivery(key), codec::encode(&record));
+            p.insert(&keys::by_webhook(key), Vec::new());
+            let d = Due { at_ms: now.max(0) as u64, key };
+            p.insert(&keys::due(d), Vec::new());
+            due.push(d);
+            self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
+        }
+        Ok(Ingested::Accepted(due))
+    }
+
+    fn record(&mut self, p: &mut Pending, o: Outcome) -> Result<(), StoreError> {
+        let Outcome { key, attempt, status, next_attempt_at } = o;
+        let health = attempt.as_ref().map(|a| (a.started_at_ms, a.error.clone()));
+        self.update_delivery(p, key, |r| {
+            r.attempts.extend(attempt);
+            r.status = status;
+            r.next_attempt_at = next_attempt_at;
+            true
+        })?;
+        if let Some((at, error)) = health {
+            self.update_stats(p, &key.webhook, |s| match (status, error) {
+                (Status::Succeeded, _) => {
+                    s.last_success_ms = Some(at);
+                    s.consecutive_failures = 0;
+                }
+                (_, error) => {
+                    s.last_failure_ms = Some(at);
+                    s.last_failure = error;
+                    s.consecutive_failures += 1;
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn requeue(
+        &mut self,
+        p: &mut Pending,
+        keys: Vec<DeliveryKey>,
+        from: &[Status],
+    ) -> Result<Vec<Due>, StoreError> {
+        let now = clock::now_ms();
+        let mut due = Vec::new();
+        for key in keys {
+            let changed = self.update_delivery(p, key, |r| {
+                if !from.contains(&r.status) {
+                    return false;
+                }
+                r.status = Status::Pending;
+                r.next_attempt_at = Some(now);
+                r.round_start = r.attempts.len() as u32;
+                true
+            })?;
+            if changed {
+                due.push(Due { at_ms: now.max(0) as u64, key });
+            }
+        }
+        Ok(due)
+    }
+
+    fn cancel(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for key in keys {
+            let changed = self.update_delivery(p, key, |r| {
+                if r.status.is_final() {
+                    return false;
+                }
+                r.status = Status::Cancelled;
+                r.next_attempt_at = None;
+                true
+            })?;
+            n += changed as usize;
+        }
+        Ok(n)
+    }
+
+    fn prune(&mut self, p: &mut Pending, seqs: Vec<u64>) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for seq in seqs {
+            let Some(event) = p.decode::<EventRecord>(&self.db, &keys::event(seq))? else { continue };
+            let mut prefix = vec![keys::DELIVERY];
+            prefix.extend_from_slice(&seq.to_be_bytes());
+            let deliveries: Vec<(DeliveryKey, DeliveryRecord)> = self
+                .db
+                .scan_prefix(prefix)
+                .map(|kv| {
+                    let (k, _) = kv?;
+                    let record = p.decode(&self.db, &k)?.expect("scanned key exists");
+                    Ok((keys::parse_delivery(&k), record))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            if !deliveries.iter().all(|(_, d)| d.status.is_final()) {
+                continue;
+            }
+            for (key, d) in deliveries {
+                p.remove(&keys::delivery(key));
+                p.remove(&keys::by_webhook(key));
+                self.update_stats(p, &key.webhook, |s| s.moved(Some(d.status), None))?;
+            }
+            p.remove(&keys::index(&event.event_id));
+            p.remove(&keys::event(seq));
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
+    /// Loads a delivery and lets `change` edit it (returning whether it did);
+    /// keeps its due entry and its webhook's status counts in step.
+    fn update_delivery(
+        &mut self,
+        p: &mut Pending,
+        key: DeliveryKey,
+        change: impl FnOnce(&mut DeliveryRecord) -> bool,
+    ) -> Result<bool, StoreError> {
+        let dkey = keys::delivery(key);
+        let mut record: DeliveryRecord =
+            p.decode(&self.db, &dkey)?.ok_or(StoreError::UnknownDelivery(key))?;
+        let (old_status, old_next) = (record.status, record.next_attempt_at);
+        if !change(&mut record) {
+            return Ok(false);
+        }
+        if old_next != record.next_attempt_at {
+            let due = |at: i64| keys::due(Due { at_ms: at.max(0) as u64, key });
+            if let Some(at) = old_next {
+                p.remove(&due(at));
+            }
+            if let Some(at) = record.next_attempt_at {
+                p.insert(&due(at), Vec::new());
+            }
+        }
+        p.insert(&dkey, codec::encode(&record));
+        if old_status != record.status {
+            self.update_stats(p, &key.webhook, |s| s.moved(Some(old_status), Some(record.status)))?;
+        }
+        Ok(true)
+    }
+
+    fn update_stats(
+        &mut self,
+        p: &mut Pending,
+        webhook: &Uuid,
+        change: impl FnOnce(&mut WebhookStats),
+    ) -> Result<(), StoreError> {
+        let key = keys::stats(webhook);
+        let mut stats: WebhookStats = p.decode(&self.db, &key)?.unwrap_or_default();
+        change(&mut stats);
+        p.insert(&key, codec::encode(&stats));
+        Ok(())
+    }
+}
+
+/// Whether a repeated event_id carries the same event. `data` is compared as
+/// JSON values (key order and spacing do not matter); the timestamp only when
+/// both requests gave one.
+pub fn same_content(a: &EventRecord, b: &EventRecord) -> bool {
+    let data = |r: &EventRecord| serde_json::from_str::<serde_json::Value>(&r.data).ok();
+    a.event_type == b.event_type
+        && a.client_id == b.client_id
+        && a.test == b.test
+        && (!a.timestamp_given || !b.timestamp_given || a.timestamp_ms == b.timestamp_ms)
+        && data(a) == data(b)
+}

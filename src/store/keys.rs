@@ -1,0 +1,119 @@
+//! Key encoding: one keyspace, one-byte prefixes, big-endian integers so
+//! that byte order is numeric order.
+//!
+//! | key | value |
+//! |---|---|
+//! | `E seq` | event |
+//! | `I event_id` | seq (the only key led by a random id: kept small) |
+//! | `D seq webhook` | delivery |
+//! | `Q due_ms seq webhook` | nothing: the due index |
+//! | `X webhook seq` | nothing: a webhook's deliveries, by time |
+//! | `W webhook` | the webhook's stats |
+
+use uuid::Uuid;
+
+use super::{DeliveryKey, Due};
+
+pub const EVENT: u8 = b'E';
+pub const INDEX: u8 = b'I';
+pub const DELIVERY: u8 = b'D';
+pub const DUE: u8 = b'Q';
+pub const BY_WEBHOOK: u8 = b'X';
+pub const STATS: u8 = b'W';
+
+pub fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn uuid_at(b: &[u8], at: usize) -> Uuid {
+    Uuid::from_bytes(b[at..at + 16].try_into().expect("16 bytes"))
+}
+
+pub fn event(seq: u64) -> [u8; 9] {
+    let mut k = [EVENT; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn index(event_id: &Uuid) -> [u8; 17] {
+    let mut k = [INDEX; 17];
+    k[1..].copy_from_slice(event_id.as_bytes());
+    k
+}
+
+pub fn delivery(d: DeliveryKey) -> [u8; 25] {
+    let mut k = [DELIVERY; 25];
+    k[1..9].copy_from_slice(&d.seq.to_be_bytes());
+    k[9..].copy_from_slice(d.webhook.as_bytes());
+    k
+}
+
+pub fn parse_delivery(k: &[u8]) -> DeliveryKey {
+    DeliveryKey { seq: u64_at(k, 1), webhook: uuid_at(k, 9) }
+}
+
+pub fn due(d: Due) -> [u8; 33] {
+    let mut k = [DUE; 33];
+    k[1..9].copy_from_slice(&d.at_ms.to_be_bytes());
+    k[9..17].copy_from_slice(&d.key.seq.to_be_bytes());
+    k[17..].copy_from_slice(d.key.webhook.as_bytes());
+    k
+}
+
+pub fn parse_due(k: &[u8]) -> Due {
+    Due { at_ms: u64_at(k, 1), key: DeliveryKey { seq: u64_at(k, 9), webhook: uuid_at(k, 17) } }
+}
+
+pub fn by_webhook(d: DeliveryKey) -> [u8; 25] {
+    let mut k = [BY_WEBHOOK; 25];
+    k[1..17].copy_from_slice(d.webhook.as_bytes());
+    k[17..].copy_from_slice(&d.seq.to_be_bytes());
+    k
+}
+
+pub fn parse_by_webhook(k: &[u8]) -> DeliveryKey {
+    DeliveryKey { webhook: uuid_at(k, 1), seq: u64_at(k, 17) }
+}
+
+pub fn stats(webhook: &Uuid) -> [u8; 17] {
+    let mut k = [STATS; 17];
+    k[1..].copy_from_slice(webhook.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due_at(at_ms: u64, seq: u64, w: u8) -> Due {
+        Due { at_ms, key: DeliveryKey { seq, webhook: Uuid::from_bytes([w; 16]) } }
+    }
+
+    #[test]
+    fn due_keys_sort_like_due_entries() {
+        let mut entries = vec![
+            due_at(5, 1, 1),
+            due_at(1 << 40, 0, 0),
+            due_at(5, 0, 9),
+            due_at(4, u64::MAX, 255),
+            due_at(256, 0, 0),
+        ];
+        let mut by_key = entries.clone();
+        by_key.sort_by_key(|d| due(*d));
+        entries.sort();
+        assert_eq!(entries, by_key);
+        for d in entries {
+            assert_eq!(parse_due(&due(d)), d);
+            assert_eq!(parse_delivery(&delivery(d.key)), d.key);
+            assert_eq!(parse_by_webhook(&by_webhook(d.key)), d.key);
+        }
+    }
+
+    #[test]
+    fn a_webhooks_deliveries_sort_by_time() {
+        let w = Uuid::from_bytes([3; 16]);
+        let older = by_webhook(DeliveryKey { seq: 255, webhook: w });
+        let newer = by_webhook(DeliveryKey { seq: 256, webhook: w });
+        assert!(older < newer);
+    }
+}

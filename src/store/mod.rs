@@ -1,0 +1,457 @@
+//! Durable state: one sled database, written only by one committer thread.
+//!
+//! Every mutation is a request to the [`committer`], which applies whatever
+//! requests are waiting as one atomic batch and answers only after flush and
+//! `fdatasync` (group commit). An answer therefore means "on disk", which is
+//! what lets the API acknowledge an event. Reads go straight to sled from any
+//! thread. The keyspace is described in [`keys`]; values go through
+//! [`codec`].
+//!
+//! This module knows nothing of HTTP, configuration or scheduling policy.
+
+mod codec;
+mod committer;
+mod keys;
+mod records;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use committer::{Committer, Op, Reply, Request};
+pub use records::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("another nexor-webhookd is already using the storage directory {0}")]
+    Locked(PathBuf),
+    #[error("storage cannot take writes: {0}")]
+    Unavailable(String),
+    #[error("stored record {key} cannot be decoded: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("no delivery {0:?}")]
+    UnknownDelivery(DeliveryKey),
+    #[error("storage is shut down")]
+    Closed,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Cheap-to-clone handle on the database and its committer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    data_file: File,
+    // Options only so that Drop can close the channel and then join.
+    requests: Option<mpsc::Sender<Request>>,
+    committer: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// The last handle gone: let the committer finish what it holds, so the
+    /// database is closed (and its lock released) when this returns.
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(c) = self.committer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+/// One page of a webhook's deliveries, newest first.
+pub struct Page {
+    pub deliveries: Vec<(DeliveryKey, DeliveryRecord)>,
+    /// Pass as `before` to get the next page; `None` on the last page.
+    pub next: Option<u64>,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `path` and starts the committer.
+    pub fn open(path: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
+        let db =
+            sled::Config::new().path(path).cache_capacity(cache_capacity).open().map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(path.to_owned())
+                }
+                e => StoreError::Unavailable(format!("cannot open {}: {e}", path.display())),
+            })?;
+        // sled's flush uses sync_file_range, which neither empties the disk's
+        // write cache nor persists the file size: fdatasync this file after it.
+        let data_file = File::open(path.join("db"))?;
+        let last_seq = match db.scan_prefix([keys::EVENT]).keys().next_back() {
+            Some(k) => keys::u64_at(&k?, 1),
+            None => 0,
+        };
+        let (requests, rx) = mpsc::channel();
+        let committer = Committer { db: db.clone(), data_file: data_file.try_clone()?, last_seq };
+        let committer = thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx))?;
+        let inner = Inner { db, data_file, requests: Some(requests), committer: Some(committer) };
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<Reply, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let requests = self.inner.requests.as_ref().ok_or(StoreError::Closed)?;
+        requests.send(Request { op, reply }).map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        self.send(op)?.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores an event and its deliveries; answers once they are on disk.
+    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        match self.call(Op::Ingest(event)).await? {
+            Reply::Ingested(i) => Ok(i),
+            _ => unreachable!("the committer answers each op in kind"),
+        }
+    }
+
+    /// Records an attempt's outcome; blocks the calling (non-async) thread
+    /// until it is on disk.
+    pub fn record_blocking(&self, outcome: Outcome) -> Result<(), StoreError> {
+        self.send(Op::Record(outcome))?.blocking_recv().map_err(|_| StoreError::Closed)?.map(drop)
+    }
+
+    /// Queues the deliveries among `keys` whose status is in `from` for an
+    /// attempt now, with a fresh retry schedule; returns their due entries.
+    pub async fn requeue(
+        &self,
+        keys: Vec<DeliveryKey>,
+        from: &'static [Status],
+    ) -> Result<Vec<Due>, StoreError> {
+        match self.call(Op::Requeue { keys, from }).await? {
+            Reply::Queued(due) => Ok(due),
+            _ => unreachable!("the committer answers each op in kind"),
+        }
+    }
+
+    /// Cancels those of `keys` still waiting for an attempt; returns how many.
+    pub async fn cancel(&self, keys: Vec<DeliveryKey>) -> Result<usize, StoreError> {
+        self.count(Op::Cancel(keys)).await
+    }
+
+    /// Deletes the events among `seqs` whose deliveries are all final.
+    pub async fn prune(&self, seqs: Vec<u64>) -> Result<usize, StoreError> {
+        self.count(Op::Prune(seqs)).await
+    }
+
+    async fn count(&self, op: Op) -> Result<usize, StoreError> {
+        match self.call(op).await? {
+            Reply::Count(n) => Ok(n),
+            _ => unreachable!("the committer answers each op in kind"),
+        }
+    }
+
+    /// The sequence number of the event with this id.
+    pub fn find_event(&self, event_id: &Uuid) -> Result<Option<u64>, StoreError> {
+        Ok(self.inner.db.get(keys::index(event_id))?.map(|v| keys::u64_at(&v, 0)))
+    }
+
+    pub fn event(&self, seq: u64) -> Result<Option<EventRecord>, StoreError> {
+        self.get(&keys::event(seq))
+    }
+
+    pub fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
+        self.get(&keys::delivery(key))
+    }
+
+    pub fn webhook_stats(&self, webhook: &Uuid) -> Result<WebhookStats, StoreError> {
+        Ok(self.get(&keys::stats(webhook))?.unwrap_or_default())
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.inner.db.get(key)?.map(|v| codec::decode(key, &v)).transpose()
+    }
+
+    /// Every delivery of one event, in webhook-id order.
+    pub fn deliveries(&self, seq: u64) -> Result<Vec<(DeliveryKey, DeliveryRecord)>, StoreError> {
+        let mut prefix = vec![keys::DELIVERY];
+        prefix.extend_from_slice(&seq.to_be_bytes());
+        self.inner
+            .db
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((keys::parse_delivery(&k), codec::decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// A webhook's deliveries of events stored before sequence `before`
+    /// (all, if `None`), newest first, only those with `status` if given.
+    pub fn webhook_deliveries(
+        &self,
+        webhook: Uuid,
+        before: Option<u64>,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let start = keys::by_webhook(DeliveryKey { seq: 0, webhook });
+        let end = keys::by_webhook(DeliveryKey { seq: before.unwrap_or(u64::MAX), webhook });
+        let mut deliveries = Vec::new();
+        for k in self.inner.db.range(start..end).keys().rev() {
+            let key = keys::parse_by_webhook(&k?);
+            let Some(record) = self.delivery(key)? else { continue };
+            if status.is_none_or(|s| s == record.status) {
+                if deliveries.len() == limit {
+                    return Ok(Page {
+                        next: deliveries.last().map(|(k, _): &(DeliveryKey, _)| k.seq),
+                        deliveries,
+                    });
+                }
+                deliveries.push((key, record));
+            }
+        }
+        Ok(Page { deliveries, next: None })
+    }
+
+    /// Keys of a webhook's deliveries of events stored at or after `since_seq`.
+    pub fn webhook_delivery_keys_since(
+        &self,
+        webhook: Uuid,
+        since_seq: u64,
+    ) -> Result<Vec<DeliveryKey>, StoreError> {
+        let start = keys::by_webhook(DeliveryKey { seq: since_seq, webhook });
+        let end = keys::by_webhook(DeliveryKey { seq: u64::MAX, webhook });
+        self.inner.db.range(start..end).keys().map(|k| Ok(keys::parse_by_webhook(&k?))).collect()
+    }
+
+    /// Every delivery waiting for an attempt whose webhook `wanted` selects.
+    pub fn waiting_deliveries(&self, wanted: impl Fn(&Uuid) -> bool) -> Result<Vec<DeliveryKey>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.inner.db.scan_prefix([keys::DUE]).keys() {
+            let d = keys::parse_due(&k?);
+            if wanted(&d.key.webhook) {
+                out.push(d.key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sequence numbers of up to `limit` events stored after `after` and
+    /// before `before`, oldest first.
+    pub fn events_between(&self, after: u64, before: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let range = keys::event(after.saturating_add(1))..keys::event(before);
+        self.inner.db.range(range).keys().take(limit).map(|k| Ok(keys::u64_at(&k?, 1))).collect()
+    }
+
+    /// Up to `limit` due-index entries from `from` (inclusive) that are due
+    /// no later than `until_ms`.
+    pub fn scan_due(&self, from: Due, until_ms: u64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        let end = keys::due(Due::at(until_ms.saturating_add(1)));
+        self.inner
+            .db
+            .range(keys::due(from)..end)
+            .keys()
+            .take(limit)
+            .map(|k| Ok(keys::parse_due(&k?)))
+            .collect()
+    }
+
+    /// How many due-index entries are due at or before `now_ms`.
+    pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let end = keys::due(Due::at(now_ms.saturating_add(1)));
+        let mut n = 0;
+        for k in self.inner.db.range(keys::due(Due::at(0))..end).keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The first due-index entry at or after `from`.
+    pub fn first_due_from(&self, from: Due) -> Result<Option<Due>, StoreError> {
+        let start = keys::due(from).to_vec();
+        match self.inner.db.range(start..vec![keys::DUE + 1]).keys().next() {
+            Some(k) => Ok(Some(keys::parse_due(&k?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes sled's files take on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Flushes and syncs everything written so far (for a clean stop).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        self.inner.data_file.sync_data()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock;
+    use crate::event::EventType;
+
+    fn record(data: &str, ts: Option<i64>) -> EventRecord {
+        EventRecord {
+            event_id: Uuid::nil(),
+            event_type: EventType::MeetingScheduled,
+            client_id: Uuid::nil(),
+            timestamp_ms: ts.unwrap_or(99),
+            timestamp_given: ts.is_some(),
+            test: false,
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn repeated_event_ids_compare_content_not_bytes() {
+        use committer::same_content;
+        assert!(same_content(&record(r#"{"a":1,"b":2}"#, None), &record(r#"{ "b":2, "a":1 }"#, Some(5))));
+        assert!(!same_content(&record(r#"{"a":1}"#, None), &record(r#"{"a":2}"#, None)));
+        assert!(!same_content(&record("{}", Some(1)), &record("{}", Some(2))));
+    }
+
+    fn new(id: u8, data: &str, webhooks: &[Uuid]) -> NewEvent {
+        NewEvent {
+            record: EventRecord { event_id: Uuid::from_bytes([id; 16]), ..record(data, None) },
+            webhooks: webhooks.to_vec(),
+        }
+    }
+
+    async fn record_outcome(store: &Store, o: Outcome) {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.record_blocking(o)).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn ingest_is_durable_idempotent_and_time_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            assert!(matches!(Store::open(dir.path(), 1 << 20), Err(StoreError::Locked(_))));
+            let Ingested::Accepted(first) = store.ingest(new(1, "{}", &webhooks)).await.unwrap() else {
+                panic!()
+            };
+            assert_eq!(first.len(), 2);
+            assert!(matches!(store.ingest(new(1, "{ }", &webhooks)).await.unwrap(), Ingested::Duplicate));
+            assert!(matches!(
+                store.ingest(new(1, r#"{"x":1}"#, &webhooks)).await.unwrap(),
+                Ingested::Conflict
+            ));
+            let Ingested::Accepted(second) = store.ingest(new(2, "{}", &webhooks)).await.unwrap() else {
+                panic!()
+            };
+            assert!(second[0].key.seq > first[0].key.seq);
+            let o = Outcome {
+                key: first[0].key,
+                attempt: None,
+                status: Status::Retrying,
+                next_attempt_at: Some(1 << 50),
+            };
+            record_outcome(&store, o).await;
+        }
+        // Reopened: everything acknowledged is there, the due index moved.
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let seq = store.find_event(&Uuid::from_bytes([1; 16])).unwrap().unwrap();
+        assert_eq!(store.deliveries(seq).unwrap().len(), 2);
+        let due_now = store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap();
+        assert_eq!(due_now.len(), 3);
+        let later = store.first_due_from(Due::at(clock::now_ms() as u64 + 1)).unwrap().unwrap();
+        assert_eq!(later.at_ms, 1 << 50);
+        let Ingested::Accepted(third) = store.ingest(new(3, "{}", &webhooks)).await.unwrap() else {
+            panic!()
+        };
+        assert!(third[0].key.seq > seq);
+    }
+
+    #[tokio::test]
+    async fn stats_listing_requeue_cancel_and_prune_stay_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let w = Uuid::from_bytes([9; 16]);
+        let mut keys = Vec::new();
+        for id in 1..=5 {
+            let Ingested::Accepted(due) = store.ingest(new(id, "{}", &[w])).await.unwrap() else { panic!() };
+            keys.push(due[0].key);
+        }
+        let attempt = |error: Option<&str>| Attempt {
+            delivery_id: Uuid::new_v4(),
+            started_at_ms: 7,
+            duration_ms: 1,
+            status_code: None,
+            error: error.map(str::to_owned),
+            response_body: String::new(),
+        };
+        let fail = |key| Outcome {
+            key,
+            attempt: Some(attempt(Some("HTTP 500"))),
+            status: Status::Failed,
+            next_attempt_at: None,
+        };
+        record_outcome(&store, fail(keys[0])).await;
+        record_outcome(&store, fail(keys[1])).await;
+        let ok = Outcome {
+            key: keys[2],
+            attempt: Some(attempt(None)),
+            status: Status::Succeeded,
+            next_attempt_at: None,
+        };
+        record_outcome(&store, ok).await;
+        let stats = store.webhook_stats(&w).unwrap();
+        assert_eq!(
+            (stats.count(Status::Failed), stats.count(Status::Succeeded), stats.count(Status::Pending)),
+            (2, 1, 2)
+        );
+        assert_eq!(stats.consecutive_failures, 0);
+        assert_eq!(stats.last_failure.as_deref(), Some("HTTP 500"));
+
+        // Newest first, paginated, filtered.
+        let page = store.webhook_deliveries(w, None, None, 2).unwrap();
+        assert_eq!(page.deliveries.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![keys[4], keys[3]]);
+        let page = store.webhook_deliveries(w, page.next, None, 2).unwrap();
+        assert_eq!(page.deliveries.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![keys[2], keys[1]]);
+        let page = store.webhook_deliveries(w, page.next, None, 2).unwrap();
+        assert_eq!((page.deliveries.len(), page.next), (1, None));
+        let failed = store.webhook_deliveries(w, None, Some(Status::Failed), 10).unwrap();
+        assert_eq!(failed.deliveries.len(), 2);
+
+        // Requeue only what is failed; it starts a new round.
+        let due = store.requeue(keys.clone(), &[Status::Failed]).await.unwrap();
+        assert_eq!(due.iter().map(|d| d.key).collect::<Vec<_>>(), vec![keys[0], keys[1]]);
+        let d = store.delivery(keys[0]).unwrap().unwrap();
+        assert_eq!((d.status, d.attempts_in_round(), d.attempts.len()), (Status::Pending, 0, 1));
+
+        // Cancel everything waiting: the due index empties.
+        assert_eq!(store.cancel(keys.clone()).await.unwrap(), 4);
+        assert!(store.scan_due(Due::at(0), u64::MAX - 1, 100).unwrap().is_empty());
+        assert_eq!(store.webhook_stats(&w).unwrap().count(Status::Cancelled), 4);
+
+        // Prune: all final now, so every event goes, and the counts with them.
+        let seqs = store.events_between(0, u64::MAX, 100).unwrap();
+        assert_eq!(store.prune(seqs).await.unwrap(), 5);
+        assert!(store.find_event(&Uuid::from_bytes([1; 16])).unwrap().is_none());
+        assert!(store.webhook_deliveries(w, None, None, 10).unwrap().deliveries.is_empty());
+        let stats = store.webhook_stats(&w).unwrap();
+        assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));
+    }
+}

@@ -1,0 +1,166 @@
+//! The stored records and the values passed to and from the committer.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::event::EventType;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub event_id: Uuid,
+    pub event_type: EventType,
+    pub client_id: Uuid,
+    pub timestamp_ms: i64,
+    /// Whether the application supplied `timestamp` (else it is the ingest time).
+    pub timestamp_given: bool,
+    pub test: bool,
+    /// The application's `data` object, as the bytes it sent.
+    pub data: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    Pending,
+    Retrying,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] =
+        [Status::Pending, Status::Retrying, Status::Succeeded, Status::Failed, Status::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Retrying => "retrying",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether no attempt will be made without an operator's redelivery.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub webhook_id: Uuid,
+    pub status: Status,
+    pub next_attempt_at: Option<i64>,
+    pub attempts: Vec<Attempt>,
+    /// Index in `attempts` where the current round began: 0, or where an
+    /// operator's redelivery restarted the retry schedule.
+    pub round_start: u32,
+}
+
+impl DeliveryRecord {
+    /// Attempts made in the current round (what the retry schedule counts).
+    pub fn attempts_in_round(&self) -> usize {
+        self.attempts.len().saturating_sub(self.round_start as usize)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub delivery_id: Uuid,
+    pub started_at_ms: i64,
+    pub duration_ms: u64,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub response_body: String,
+}
+
+/// A webhook's delivery health, kept up to date by the committer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WebhookStats {
+    pub last_success_ms: Option<i64>,
+    pub last_failure_ms: Option<i64>,
+    pub last_failure: Option<String>,
+    pub consecutive_failures: u32,
+    by_status: [u64; 5],
+}
+
+impl WebhookStats {
+    pub fn count(&self, s: Status) -> u64 {
+        self.by_status[s.index()]
+    }
+
+    pub(super) fn moved(&mut self, from: Option<Status>, to: Option<Status>) {
+        if let Some(f) = from {
+            self.by_status[f.index()] = self.by_status[f.index()].saturating_sub(1);
+        }
+        if let Some(t) = to {
+            self.by_status[t.index()] += 1;
+        }
+    }
+}
+
+/// One delivery: an event (by sequence number) to one webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryKey {
+    pub seq: u64,
+    pub webhook: Uuid,
+}
+
+/// An entry of the due index. Ordered as its stored key: time, then delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Due {
+    pub at_ms: u64,
+    pub key: DeliveryKey,
+}
+
+impl Due {
+    /// The smallest entry due at `at_ms`: a range bound.
+    pub fn at(at_ms: u64) -> Due {
+        Due { at_ms, key: DeliveryKey { seq: 0, webhook: Uuid::nil() } }
+    }
+}
+
+/// The time (ms since the epoch) an event was stored, from its sequence number.
+pub fn seq_time_ms(seq: u64) -> i64 {
+    (seq >> 16) as i64
+}
+
+/// The smallest sequence number of an event stored at or after `ms`.
+pub fn first_seq_at(ms: i64) -> u64 {
+    (ms.max(0) as u64) << 16
+}
+
+/// A new event and the webhooks it fans out to.
+pub struct NewEvent {
+    pub record: EventRecord,
+    pub webhooks: Vec<Uuid>,
+}
+
+#[derive(Debug)]
+pub enum Ingested {
+    /// Stored now; these deliveries are due.
+    Accepted(Vec<Due>),
+    /// The same event_id with the same content was stored before.
+    Duplicate,
+    /// The same event_id with different content was stored before.
+    Conflict,
+}
+
+/// What happens to a delivery after an attempt (or instead of one).
+#[derive(Debug)]
+pub struct Outcome {
+    pub key: DeliveryKey,
+    pub attempt: Option<Attempt>,
+    pub status: Status,
+    /// When the next attempt is due; `Some` exactly when `status` is `Retrying`.
+    pub next_attempt_at: Option<i64>,
+}
