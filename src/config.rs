@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -161,21 +161,27 @@ impl Config {
 }
 
 /// The configuration in force: a cheap-to-clone handle whose contents are
-/// swapped whole on reload, so every reader sees one consistent version.
+/// swapped whole on reload, so every reader sees one consistent version;
+/// background tasks can wait for the next swap.
 #[derive(Clone)]
-pub struct Shared(Arc<RwLock<Arc<Config>>>);
+pub struct Shared(Arc<tokio::sync::watch::Sender<Arc<Config>>>);
 
 impl Shared {
     pub fn new(config: Config) -> Shared {
-        Shared(Arc::new(RwLock::new(Arc::new(config))))
+        Shared(Arc::new(tokio::sync::watch::Sender::new(Arc::new(config))))
     }
 
     pub fn get(&self) -> Arc<Config> {
-        self.0.read().expect("config lock").clone()
+        self.0.borrow().clone()
     }
 
     pub fn set(&self, config: Config) {
-        *self.0.write().expect("config lock") = Arc::new(config);
+        self.0.send_replace(Arc::new(config));
+    }
+
+    /// A receiver whose `changed()` completes at the next reload.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
+        self.0.subscribe()
     }
 }
 

@@ -20,6 +20,7 @@ const BATCH: usize = 512;
 
 pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut reloads = config.subscribe();
         loop {
             let retention = config.get().storage.retention;
             match prune_once(&store, retention).await {
@@ -31,6 +32,8 @@ pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tok
             let pause = (retention / 10).clamp(Duration::from_millis(50), Duration::from_secs(600));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                // A reload may have shortened the retention: look again now.
+                changed = reloads.changed() => if changed.is_err() { return },
                 _ = shutdown.notified() => return,
             }
         }

@@ -51,7 +51,8 @@ impl Hit {
 /// segment: `/ok/…` 200, `/fail/…` 500, `/flaky/N/…` 503 for the first N
 /// requests on that path then 200, `/each/N/…` 500 for the first N requests
 /// of each event_id on that path,
-/// `/hang/…` waits 5 s, `/redirect/…` 302 to `/ok/redirected`.
+/// `/hang/…` waits 5 s, `/slow/…` waits 300 ms then 200, `/redirect/…` 302
+/// to `/ok/redirected`.
 #[derive(Clone)]
 pub struct Receiver {
     pub base: String,
@@ -117,6 +118,10 @@ async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: B
             tokio::time::sleep(Duration::from_secs(5)).await;
             (200, None)
         }
+        Some("slow") => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            (200, None)
+        }
         Some("redirect") => (302, Some(("location", "/ok/redirected"))),
         _ => (200, None),
     };
@@ -152,6 +157,7 @@ pub fn webhook(id: &str, client: &str, url: &str, events: &str) -> String {
 pub struct Daemon {
     pub base: String,
     pub dir: tempfile::TempDir,
+    server_extra: String,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -166,19 +172,45 @@ impl Daemon {
     pub fn start(server_extra: &str, rest: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_extra}\n\n[storage]\npath = \"{}\"\n\n{rest}",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("config.toml"), text).unwrap();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .new_agent();
-        let mut d = Daemon { base: format!("http://127.0.0.1:{port}"), dir, child: None, agent };
+        let mut d = Daemon {
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            server_extra: server_extra.to_owned(),
+            child: None,
+            agent,
+        };
+        d.write_config(rest);
         d.spawn();
         d
+    }
+
+    /// Writes the config file: `[server]` and `[storage]` as at start, then `rest`.
+    pub fn write_config(&self, rest: &str) {
+        let text = format!(
+            "[server]\nlisten = \"{}\"\n{}\n\n[storage]\npath = \"{}\"\n\n{rest}",
+            self.base.trim_start_matches("http://"),
+            self.server_extra,
+            self.dir.path().join("data").display()
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Sends a signal to the running daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    /// Waits until the daemon's log contains `text` `count` times in all.
+    pub fn wait_log(&self, text: &str, count: usize) {
+        wait_for(&format!("{count}x {text:?} in the log"), Duration::from_secs(15), || {
+            self.log().matches(text).count() >= count
+        });
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -232,9 +264,14 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap().code()
+        self.signal(libc::SIGTERM);
+        self.child.take()?.wait().unwrap().code()
+    }
+
+    /// Starts the daemon again after `terminate` or `kill9`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
     }
 
     pub fn request(

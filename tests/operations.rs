@@ -1,0 +1,309 @@
+//! Running it: live reload, graceful stop, metrics, the delivery log,
+//! redelivery and recovery, retention, and the CLI client.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const W1: &str = "11111111-1111-4111-8111-111111111111";
+const W2: &str = "22222222-2222-4222-8222-222222222222";
+const W3: &str = "33333333-3333-4333-8333-333333333333";
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn delivery_to<'a>(event: &'a Value, webhook: &str) -> &'a Value {
+    event["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["webhook_id"] == webhook)
+        .expect("delivery to webhook")
+}
+
+fn delivery_ids(event: &Value, webhook: &str) -> Vec<String> {
+    delivery_to(event, webhook)["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["delivery_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
+    let rx = Receiver::start();
+    let delivery = "[delivery]\nretry_schedule = [\"100ms\", \"1h\"]\nallow_private_targets = true\n\n";
+    let before = format!(
+        "{delivery}{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/before"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/fail/w2"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &before);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let first = body["event_id"].as_str().unwrap().to_owned();
+    // W2 fails twice, then waits an hour for its last retry.
+    wait_for("W2 to wait for its retry", SETTLE, || {
+        let ev = d.event(&first);
+        delivery_to(&ev, W2)["attempts"].as_array().unwrap().len() == 2
+    });
+
+    // W1 moves, W2 goes, W3 arrives.
+    let after = format!(
+        "{delivery}{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/after"), r#"["*"]"#),
+        webhook(W3, CLIENT_A, &rx.url("/ok/w3"), r#"["meeting.scheduled"]"#)
+    );
+    d.write_config(&after);
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1);
+    let ev = d.event(&first);
+    assert_eq!(delivery_to(&ev, W2)["status"], "cancelled", "{ev}");
+    assert_eq!(delivery_to(&ev, W2)["next_attempt_at"], Value::Null);
+
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let second = body["event_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["deliveries"], 2);
+    d.wait_settled(&second, &["succeeded"], SETTLE);
+    assert_eq!(rx.hits_on("/ok/after").len(), 1);
+    assert_eq!(rx.hits_on("/ok/w3").len(), 1);
+
+    // A broken file is refused; the running config keeps working.
+    d.write_config("[delivery]\nretry_schedule = [\"soon\"]\n");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload refused", 1);
+    assert!(d.log().contains("retry_schedule: \"soon\" is not a duration"));
+    let (status, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    assert_eq!((status, body["deliveries"].as_u64()), (202, Some(2)));
+    d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded"], SETTLE);
+
+    // A changed listen address is reported as needing a restart.
+    d.write_config(&after.replace("[delivery]", "[delivery]\ntimeout = \"3s\""));
+    std::fs::write(
+        d.config_path(),
+        std::fs::read_to_string(d.config_path())
+            .unwrap()
+            .replace("listen = \"127.0.0.1:", "listen = \"127.0.0.2:"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 2);
+    assert!(d.log().contains("take effect only after a restart"));
+    assert_eq!(d.get("/healthz").0, 200, "still serving on the old address");
+}
+
+#[test]
+fn sigterm_during_deliveries_loses_nothing() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[server]\n\n[delivery]\nretry_schedule = [\"100ms\"]\nallow_private_targets = true\nworkers = 4\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/slow/term"), r#"["*"]"#)
+    )
+    .replace("[server]\n\n", "");
+    let mut d = Daemon::start("shutdown_grace = \"5s\"", &cfg);
+    let ids: Vec<String> = (0..20)
+        .map(|_| d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_for("attempts in flight", SETTLE, || !rx.hits_on("/slow/term").is_empty());
+    assert_eq!(d.terminate(), Some(0), "clean exit:\n{}", d.log());
+    assert!(d.log().contains("stopped"));
+    d.start_again();
+    for id in &ids {
+        d.wait_settled(id, &["succeeded"], SETTLE);
+    }
+    let arrived: HashSet<String> =
+        rx.hits_on("/slow/term").iter().map(|h| h.json()["event_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(arrived.len(), ids.len());
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_counters_move() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/m"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/fail/m"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.completed", CLIENT_A, "{}");
+    d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "failed"], SETTLE);
+    let text = ureq::get(format!("{}/metrics", d.base)).call().unwrap().body_mut().read_to_string().unwrap();
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample line: {line}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("not a number in: {line}"));
+        samples.insert(name.to_owned(), v);
+    }
+    assert!(text.ends_with("# EOF\n"));
+    let get = |k: &str| samples.get(k).copied().unwrap_or_else(|| panic!("no sample {k} in\n{text}"));
+    assert_eq!(get(r#"nexor_webhookd_events_accepted_total{event_type="meeting.completed"}"#), 1.0);
+    assert_eq!(get(r#"nexor_webhookd_attempts_total{outcome="2xx"}"#), 1.0);
+    assert_eq!(get(r#"nexor_webhookd_attempts_total{outcome="5xx"}"#), 1.0);
+    assert_eq!(get("nexor_webhookd_attempt_duration_seconds_count"), 2.0);
+    assert_eq!(get(&format!(r#"nexor_webhookd_webhook_consecutive_failures{{webhook_id="{W2}"}}"#)), 1.0);
+    assert_eq!(get(&format!(r#"nexor_webhookd_webhook_consecutive_failures{{webhook_id="{W1}"}}"#)), 0.0);
+    assert!(
+        get(&format!(r#"nexor_webhookd_webhook_last_success_timestamp_seconds{{webhook_id="{W1}"}}"#))
+            > 1.7e9
+    );
+    assert_eq!(get("nexor_webhookd_deliveries_due"), 0.0);
+    assert!(get("nexor_webhookd_storage_bytes") > 0.0);
+}
+
+#[test]
+fn webhook_health_and_the_delivery_log_paginate_newest_first() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/flaky/2/log"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+        let id = body["event_id"].as_str().unwrap().to_owned();
+        d.wait_settled(&id, &["succeeded", "failed"], SETTLE);
+        ids.push(id);
+    }
+    let (status, w) = d.get(&format!("/v1/webhooks/{W1}"));
+    assert_eq!(status, 200);
+    assert_eq!(w["secret"], "<redacted>");
+    assert!(!w.to_string().contains(&format!("whsec_{W1}")));
+    assert_eq!(w["health"]["deliveries"]["failed"], 2);
+    assert_eq!(w["health"]["deliveries"]["succeeded"], 3);
+    assert_eq!(w["health"]["consecutive_failures"], 0);
+    assert_eq!(w["health"]["last_failure"], "HTTP 503");
+    let (_, all) = d.get("/v1/webhooks");
+    assert_eq!(all["webhooks"].as_array().unwrap().len(), 1);
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let (status, page) = d.get(&format!("/v1/webhooks/{W1}/deliveries?limit=2{q}"));
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["deliveries"].as_array().unwrap().iter().map(|x| x["event_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    let (_, failed) = d.get(&format!("/v1/webhooks/{W1}/deliveries?status=failed"));
+    let failed: Vec<_> =
+        failed["deliveries"].as_array().unwrap().iter().map(|x| x["event_id"].clone()).collect();
+    assert_eq!(failed, vec![Value::from(ids[1].clone()), Value::from(ids[0].clone())]);
+    let (status, bad) = d.get(&format!("/v1/webhooks/{W1}/deliveries?status=lost"));
+    assert_eq!((status, bad["error"]["code"].as_str()), (422, Some("invalid_field")));
+    assert_eq!(d.get(&format!("/v1/webhooks/{W1}/deliveries?limit=0")).0, 422);
+}
+
+#[test]
+fn redeliver_and_recover_resend_with_fresh_delivery_ids() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/flaky/1/one"), r#"["meeting.scheduled"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/flaky/3/many"), r#"["meeting.cancelled"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let id = body["event_id"].as_str().unwrap().to_owned();
+    d.wait_settled(&id, &["failed"], SETTLE);
+    let (status, answer) = d.post(&format!("/v1/events/{id}/redeliver"), "");
+    assert_eq!((status, answer["requeued"].as_u64()), (200, Some(1)), "{answer}");
+    let ev = d.wait_settled(&id, &["succeeded"], SETTLE);
+    let ids = delivery_ids(&ev, W1);
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    let hits = rx.hits_on("/flaky/1/one");
+    assert!(hits.iter().all(|h| h.json()["event_id"] == id.as_str()));
+    // Nothing left to redeliver.
+    assert_eq!(d.post(&format!("/v1/events/{id}/redeliver"), "").1["requeued"], 0);
+
+    let since = "2020-01-01T00:00:00Z";
+    let events: Vec<String> = (0..3)
+        .map(|_| {
+            let (_, body) = d.send("meeting.cancelled", CLIENT_A, "{}");
+            let id = body["event_id"].as_str().unwrap().to_owned();
+            d.wait_settled(&id, &["failed"], SETTLE);
+            id
+        })
+        .collect();
+    let (status, answer) = d.post(&format!("/v1/webhooks/{W2}/recover?since={since}"), "");
+    assert_eq!((status, answer["requeued"].as_u64()), (200, Some(3)), "{answer}");
+    for id in &events {
+        let ev = d.wait_settled(id, &["succeeded"], SETTLE);
+        assert_eq!(delivery_ids(&ev, W2).iter().collect::<HashSet<_>>().len(), 2);
+    }
+    let (status, answer) = d.post(&format!("/v1/webhooks/{W2}/recover"), "");
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("invalid_field")));
+}
+
+#[test]
+fn retention_prunes_final_deliveries_and_their_events() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/ret"), r#"["meeting.scheduled"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/fail/ret"), r#"["meeting.cancelled"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    // Retention is in [storage]: set it by rewriting the file before a restart.
+    let (_, done) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let (_, waiting) = d.send("meeting.cancelled", CLIENT_A, "{}");
+    let done = done["event_id"].as_str().unwrap().to_owned();
+    let waiting = waiting["event_id"].as_str().unwrap().to_owned();
+    d.wait_settled(&done, &["succeeded"], SETTLE);
+    d.wait_settled(&waiting, &["retrying"], SETTLE);
+    let text = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(d.config_path(), text.replace("[storage]\n", "[storage]\nretention = \"1s\"\n")).unwrap();
+    d.signal(libc::SIGHUP);
+    wait_for("the finished event to be pruned", SETTLE, || d.get(&format!("/v1/events/{done}")).0 == 404);
+    assert_eq!(d.get(&format!("/v1/events/{waiting}")).0, 200, "a delivery still retrying is kept");
+    let (_, w) = d.get(&format!("/v1/webhooks/{W1}"));
+    assert_eq!(w["health"]["deliveries"]["succeeded"], 0);
+}
+
+#[test]
+fn cli_sends_shows_status_and_redelivers() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/flaky/1/cli"), r#"["*"]"#)
+    );
+    let d = Daemon::start("api_token = \"cli-token\"", &cfg);
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).arg("--config").arg(d.config_path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let data = d.dir.path().join("data.json");
+    std::fs::write(&data, r#"{"meeting_id": "m-7"}"#).unwrap();
+    let sent = cli(&[
+        "send",
+        "meeting.scheduled",
+        "--client-id",
+        CLIENT_A,
+        "--data",
+        &format!("@{}", data.display()),
+    ]);
+    let sent: Value = serde_json::from_str(sent.trim()).unwrap();
+    let id = sent["event_id"].as_str().unwrap().to_owned();
+    let get_event = || d.request("GET", &format!("/v1/events/{id}"), Some("cli-token"), None).1;
+    wait_for("the attempt to fail", SETTLE, || get_event()["deliveries"][0]["status"] == "failed");
+    let status = cli(&["status"]);
+    assert!(status.contains(W1) && status.contains("failing1"), "{status}");
+    cli(&["redeliver", &id]);
+    wait_for("the redelivery to succeed", SETTLE, || get_event()["deliveries"][0]["status"] == "succeeded");
+    assert_eq!(rx.hits_on("/flaky/1/cli")[1].json()["data"]["meeting_id"], "m-7");
+    let status = cli(&["status"]);
+    assert!(status.contains(" ok "), "{status}");
+}
