@@ -18,7 +18,8 @@ use toml::Spanned;
 use uuid::Uuid;
 
 use crate::event::EventType;
-use crate::{sign, target};
+use crate::target::{self, Cidr};
+use crate::{clock, sign};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
 const DEFAULT_STORAGE: &str = "/var/lib/nexor-webhookd";
@@ -28,16 +29,22 @@ const DEFAULT_SCHEDULE: [Duration; 3] =
     [Duration::from_secs(60), Duration::from_secs(300), Duration::from_secs(1800)];
 const DEFAULT_WORKERS: u64 = 64;
 const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
+/// Where the API token comes from when the file names none.
+pub const TOKEN_ENV: &str = "NEXOR_WEBHOOKD_API_TOKEN";
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// A validated configuration.
 #[derive(Debug)]
 pub struct Config {
+    /// Things worth an admin's attention that do not stop the daemon.
+    pub warnings: Vec<String>,
     pub server: Server,
     pub storage: Storage,
     pub delivery: Delivery,
     webhooks: Vec<Webhook>,
+    /// Whether any secret is written in the file itself.
+    inline_secrets: bool,
     by_id: HashMap<Uuid, usize>,
     by_client: HashMap<Uuid, Vec<usize>>,
 }
@@ -66,6 +73,10 @@ pub struct Delivery {
     pub timeout: Duration,
     pub retry_schedule: Vec<Duration>,
     pub allow_private_targets: bool,
+    /// Non-public ranges webhooks may reach even when private targets are not allowed.
+    pub allowed_cidrs: Vec<Cidr>,
+    /// Refuse plain `http://` webhook URLs.
+    pub https_only: bool,
     pub workers: usize,
 }
 
@@ -75,6 +86,8 @@ pub struct Webhook {
     pub client_id: Uuid,
     pub url: String,
     pub secret: Secret,
+    /// Secrets being rotated out, each signing until its expiry (ms since the epoch).
+    pub previous_secrets: Vec<(Secret, i64)>,
     pub events: Events,
     pub enabled: bool,
     /// Also send the Standard Webhooks headers, keyed by this (decoded) key.
@@ -104,6 +117,17 @@ pub enum Events {
 }
 
 impl Webhook {
+    /// The secrets that sign a delivery sent at `now_ms`: the current one
+    /// first, then each previous one until it expires.
+    pub fn signing_secrets(&self, now_ms: i64) -> impl Iterator<Item = &str> {
+        std::iter::once(self.secret.expose().as_str()).chain(
+            self.previous_secrets
+                .iter()
+                .filter(move |(_, exp)| *exp > now_ms)
+                .map(|(s, _)| s.expose().as_str()),
+        )
+    }
+
     pub fn subscribes_to(&self, t: EventType) -> bool {
         match &self.events {
             Events::All => true,
@@ -223,7 +247,32 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         problems: vec![Problem { line: None, message: format!("cannot read: {e}") }],
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base).map_err(|problems| ConfigError { file: path.to_owned(), problems })
+    let mut config =
+        parse(&text, base).map_err(|problems| ConfigError { file: path.to_owned(), problems })?;
+    if config.inline_secrets && readable_by_others(path) {
+        config.warnings.push(format!(
+            "{} holds secrets and is readable by other users; chmod 600 it, or use secret_file / api_token_file",
+            path.display()
+        ));
+    }
+    Ok(config)
+}
+
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+/// Reads a secret kept in its own file (trailing newline trimmed).
+fn read_secret_file(c: &mut Checker, v: &Spanned<String>, base: &Path, key: &str) -> Option<String> {
+    let path = base.join(v.get_ref());
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim_end_matches(['\n', '\r']).is_empty() => {
+            Some(s.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        Ok(_) => c.fail(v.span(), format!("{key}: {} is empty", path.display())),
+        Err(e) => c.fail(v.span(), format!("{key}: cannot read {}: {e}", path.display())),
+    }
 }
 
 #[derive(Deserialize)]
@@ -244,6 +293,7 @@ struct RawConfig {
 struct RawServer {
     listen: Option<Spanned<String>>,
     api_token: Option<Spanned<String>>,
+    api_token_file: Option<Spanned<String>>,
     max_body: Option<Spanned<u64>>,
     shutdown_grace: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
@@ -263,6 +313,8 @@ struct RawDelivery {
     timeout: Option<Spanned<String>>,
     retry_schedule: Option<Vec<Spanned<String>>>,
     allow_private_targets: Option<bool>,
+    allowed_cidrs: Option<Vec<Spanned<String>>>,
+    https_only: Option<bool>,
     workers: Option<Spanned<u64>>,
 }
 
@@ -272,12 +324,23 @@ struct RawWebhook {
     id: Spanned<String>,
     client_id: Spanned<String>,
     url: Spanned<String>,
-    secret: Spanned<String>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    secret_env: Option<Spanned<String>>,
+    #[serde(default)]
+    previous_secrets: Vec<RawPrevious>,
     events: Spanned<Vec<Spanned<String>>>,
     #[serde(default = "yes")]
     enabled: bool,
     #[serde(default)]
     standard_webhooks: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrevious {
+    secret: Spanned<String>,
+    expires: Spanned<String>,
 }
 
 fn yes() -> bool {
@@ -344,11 +407,15 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             c.fail(v.span(), format!("listen: {:?} is not an address like \"127.0.0.1:8088\"", v.get_ref()))
         }),
     };
-    let api_token = match &raw.server.api_token {
-        Some(v) if v.get_ref().is_empty() => {
+    let mut inline_secrets = raw.server.api_token.is_some();
+    let api_token = match (&raw.server.api_token, &raw.server.api_token_file) {
+        (Some(_), Some(f)) => c.fail(f.span(), "set api_token or api_token_file, not both"),
+        (Some(v), None) if v.get_ref().is_empty() => {
             c.fail(v.span(), "api_token is empty; remove the key or set a token")
         }
-        v => v.as_ref().map(|v| Secret(v.get_ref().clone())),
+        (Some(v), None) => Some(Secret(v.get_ref().clone())),
+        (None, Some(f)) => read_secret_file(&mut c, f, base, "api_token_file").map(Secret),
+        (None, None) => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(Secret),
     };
     if let (Some(addr), None) = (listen, &api_token) {
         if !addr.ip().is_loopback() {
@@ -400,6 +467,18 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         Some(list) => list.iter().map(|v| c.duration(v, "retry_schedule")).collect(),
     };
     let allow_private_targets = raw.delivery.allow_private_targets.unwrap_or(false);
+    let https_only = raw.delivery.https_only.unwrap_or(false);
+    let allowed_cidrs: Vec<Cidr> = raw
+        .delivery
+        .allowed_cidrs
+        .iter()
+        .flatten()
+        .filter_map(|v| match Cidr::parse(v.get_ref()) {
+            Ok(cidr) => Some(cidr),
+            Err(e) => c.fail(v.span(), format!("allowed_cidrs: {e}")),
+        })
+        .collect();
+    let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
     let workers = match &raw.delivery.workers {
         None => Some(DEFAULT_WORKERS),
         Some(v) => c.positive(v, "workers"),
@@ -415,27 +494,49 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             }
         }
         let client_id = c.uuid(&w.client_id, "client_id");
-        let url = check_url(&mut c, &w.url, allow_private_targets);
-        let secret = if w.secret.get_ref().is_empty() {
-            c.fail(w.secret.span(), "secret is empty")
-        } else {
-            Some(Secret(w.secret.get_ref().clone()))
-        };
+        let url = check_url(&mut c, &w.url, &policy);
+        inline_secrets |= w.secret.is_some() || !w.previous_secrets.is_empty();
+        let secret = webhook_secret(&mut c, w, base);
+        let previous_secrets: Vec<(Secret, i64)> = w
+            .previous_secrets
+            .iter()
+            .filter_map(|p| {
+                let expires = clock::parse_rfc3339_ms(p.expires.get_ref()).or_else(|| {
+                    c.fail(
+                        p.expires.span(),
+                        format!("expires: {:?} is not an RFC 3339 timestamp", p.expires.get_ref()),
+                    )
+                })?;
+                if p.secret.get_ref().is_empty() {
+                    return c.fail(p.secret.span(), "previous secret is empty");
+                }
+                Some((Secret(p.secret.get_ref().clone()), expires))
+            })
+            .collect();
         let events = check_events(&mut c, &w.events);
-        let standard_key = match w.standard_webhooks {
-            false => Some(None),
-            true => match sign::standard_key(w.secret.get_ref()) {
+        let standard_key = match (w.standard_webhooks, &secret) {
+            (false, _) | (true, None) => Some(None),
+            (true, Some(s)) => match sign::standard_key(s.expose()) {
                 Some(key) => Some(Some(Secret(key))),
-                None => c.fail(
-                    w.secret.span(),
-                    "standard_webhooks = true needs a secret of the form whsec_<base64>",
-                ),
+                None => {
+                    let span = w.secret.as_ref().map_or(w.id.span(), |s| s.span());
+                    c.fail(span, "standard_webhooks = true needs a secret of the form whsec_<base64>")
+                }
             },
         };
         if let (Some(id), Some(client_id), Some(url), Some(secret), Some(events), Some(standard_key)) =
             (id, client_id, url, secret, events, standard_key)
         {
-            webhooks.push(Webhook { id, client_id, url, secret, events, enabled: w.enabled, standard_key });
+            webhooks.push(Webhook {
+                id,
+                client_id,
+                url,
+                secret,
+                previous_secrets,
+                events,
+                enabled: w.enabled,
+                standard_key,
+            });
         }
     }
 
@@ -466,15 +567,43 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             timeout: timeout.unwrap(),
             retry_schedule: retry_schedule.into_iter().map(Option::unwrap).collect(),
             allow_private_targets,
+            allowed_cidrs,
+            https_only,
             workers: workers.unwrap() as usize,
         },
+        warnings: Vec::new(),
         webhooks,
+        inline_secrets,
         by_id,
         by_client,
     })
 }
 
-fn check_url(c: &mut Checker, v: &Spanned<String>, allow_private: bool) -> Option<String> {
+/// What webhook URLs may point at.
+struct TargetPolicy<'a> {
+    allow_private: bool,
+    allowed: &'a [Cidr],
+    https_only: bool,
+}
+
+/// The webhook's secret from exactly one of `secret`, `secret_file`, `secret_env`.
+fn webhook_secret(c: &mut Checker, w: &RawWebhook, base: &Path) -> Option<Secret> {
+    match (&w.secret, &w.secret_file, &w.secret_env) {
+        (Some(v), None, None) if v.get_ref().is_empty() => c.fail(v.span(), "secret is empty"),
+        (Some(v), None, None) => Some(Secret(v.get_ref().clone())),
+        (None, Some(f), None) => read_secret_file(c, f, base, "secret_file").map(Secret),
+        (None, None, Some(e)) => match std::env::var(e.get_ref()) {
+            Ok(s) if !s.is_empty() => Some(Secret(s)),
+            _ => c.fail(e.span(), format!("secret_env: the environment variable {} is not set", e.get_ref())),
+        },
+        (None, None, None) => {
+            c.fail(w.id.span(), "this webhook needs one of secret, secret_file or secret_env")
+        }
+        _ => c.fail(w.id.span(), "set only one of secret, secret_file or secret_env"),
+    }
+}
+
+fn check_url(c: &mut Checker, v: &Spanned<String>, policy: &TargetPolicy) -> Option<String> {
     let text = v.get_ref();
     let url = match url::Url::parse(text) {
         Ok(u) => u,
@@ -482,6 +611,9 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, allow_private: bool) -> Optio
     };
     if url.scheme() != "http" && url.scheme() != "https" {
         return c.fail(v.span(), format!("url: {text:?} must start with http:// or https://"));
+    }
+    if policy.https_only && url.scheme() != "https" {
+        return c.fail(v.span(), format!("url: {text:?} is plain http and [delivery] https_only is set"));
     }
     let ip = match url.host() {
         None => return c.fail(v.span(), format!("url: {text:?} has no host")),
@@ -495,13 +627,14 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, allow_private: bool) -> Optio
             "url: credentials in the URL are not supported; use the signature to authenticate",
         );
     }
-    if let (false, Some(ip)) = (allow_private, ip) {
-        if let Some(why) = target::blocked_reason(ip) {
-            return c.fail(
-                v.span(),
-                format!("url: {ip} is {why}; set [delivery] allow_private_targets = true to allow it"),
-            );
-        }
+    if let Some(why) = ip.and_then(|ip| target::refused(ip, policy.allow_private, policy.allowed)) {
+        return c.fail(
+            v.span(),
+            format!(
+                "url: {} is {why}; list it in [delivery] allowed_cidrs or set allow_private_targets = true",
+                ip.expect("refused only with an ip")
+            ),
+        );
     }
     Some(text.clone())
 }
@@ -658,6 +791,112 @@ events = ["meeting.scheduled"]
         assert!(new.stopped_in(&old).is_empty());
         let gone = parse(&GOOD[..GOOD.find("[[webhooks]]").unwrap()], Path::new("/")).unwrap();
         assert_eq!(old.stopped_in(&gone).len(), 1);
+    }
+
+    #[test]
+    fn secrets_come_from_exactly_one_source() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hook.secret"), "from-file\n").unwrap();
+        let with = |line: &str| GOOD.replace("secret = \"whsec_x\"", line);
+        let c = parse(&with("secret_file = \"hook.secret\""), dir.path()).unwrap();
+        assert_eq!(c.webhooks()[0].secret.expose(), "from-file");
+        assert!(!c.inline_secrets);
+        std::env::set_var("NEXOR_TEST_SECRET_ENV", "from-env");
+        let c = parse(&with("secret_env = \"NEXOR_TEST_SECRET_ENV\""), dir.path()).unwrap();
+        assert_eq!(c.webhooks()[0].secret.expose(), "from-env");
+        let e = parse(&with("secret = \"a\"\nsecret_file = \"hook.secret\""), dir.path()).unwrap_err();
+        assert!(e[0].message.contains("only one of"), "{}", e[0].message);
+        let e = parse(&with(""), dir.path()).unwrap_err();
+        assert!(e[0].message.contains("needs one of secret"), "{}", e[0].message);
+        let e = parse(&with("secret_file = \"missing\""), dir.path()).unwrap_err();
+        assert!(e[0].message.contains("cannot read"), "{}", e[0].message);
+        assert_eq!(e[0].line, Some(17));
+        let e = parse(&with("secret_env = \"NEXOR_TEST_UNSET_VAR\""), dir.path()).unwrap_err();
+        assert!(e[0].message.contains("is not set"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn previous_secrets_sign_until_they_expire() {
+        let text = GOOD.replace(
+            "secret = \"whsec_x\"",
+            "secret = \"new\"\nprevious_secrets = [{ secret = \"old\", expires = \"2026-05-01T00:00:00Z\" }]",
+        );
+        let c = parse(&text, Path::new("/")).unwrap();
+        let w = &c.webhooks()[0];
+        let before = clock::parse_rfc3339_ms("2026-04-30T23:59:59Z").unwrap();
+        let after = clock::parse_rfc3339_ms("2026-05-01T00:00:00Z").unwrap();
+        assert_eq!(w.signing_secrets(before).collect::<Vec<_>>(), vec!["new", "old"]);
+        assert_eq!(w.signing_secrets(after).collect::<Vec<_>>(), vec!["new"]);
+        let e = parse(&text.replace("2026-05-01T00:00:00Z", "May 1st"), Path::new("/")).unwrap_err();
+        assert!(e[0].message.contains("expires"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn target_policy_https_only_and_allowed_cidrs() {
+        let e = errors(
+            &GOOD.replace("allow_private_targets = true", "https_only = true\nallow_private_targets = true"),
+        );
+        assert!(e[0].1.contains("plain http"), "{e:?}");
+        let no_private = GOOD.replace("allow_private_targets = true", "allowed_cidrs = [\"127.0.0.0/8\"]");
+        assert!(parse(&no_private, Path::new("/")).is_ok(), "an allowed range may be named literally");
+        let e = errors(&GOOD.replace("allow_private_targets = true", "allowed_cidrs = [\"10.0.0.0/8\"]"));
+        assert!(e[0].1.contains("127.0.0.1 is a loopback address"), "{e:?}");
+        let e = errors(&GOOD.replace("allow_private_targets = true", "allowed_cidrs = [\"10.0.0.1/8\"]"));
+        assert!(e[0].1.contains("host bits"), "{e:?}");
+        for literal in
+            ["10.0.0.1", "[::1]", "[fd00::1]", "169.254.169.254", "100.64.0.1", "[::ffff:127.0.0.1]"]
+        {
+            let text = GOOD.replace("allow_private_targets = true", "").replace("127.0.0.1:9000", literal);
+            let e = errors(&text);
+            assert!(e[0].1.contains(" is a") || e[0].1.contains(" is an"), "{literal}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn api_token_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t0ken\n").unwrap();
+        let text = GOOD.replace("[server]\n", "[server]\napi_token_file = \"token\"\n");
+        let c = parse(&text, dir.path()).unwrap();
+        assert_eq!(c.server.api_token.as_ref().unwrap().expose(), "t0ken");
+        let both = text.replace("[server]\n", "[server]\napi_token = \"x\"\n");
+        assert!(parse(&both, dir.path()).unwrap_err()[0].message.contains("not both"));
+    }
+
+    #[test]
+    fn world_readable_file_with_inline_secrets_warns() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load(&path).unwrap().warnings[0].contains("readable by other users"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load(&path).unwrap().warnings.is_empty());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Arbitrary text never panics the config parser; a rejection always
+        /// says why, with a line when it can.
+        #[test]
+        fn config_parser_never_panics(text in "(\\PC|\n){0,400}") {
+            if let Err(problems) = parse(&text, Path::new("/")) {
+                proptest::prop_assert!(!problems.is_empty());
+                proptest::prop_assert!(problems.iter().all(|p| !p.message.is_empty()));
+            }
+        }
+
+        /// Mutations of a valid config (a line dropped or duplicated, a value
+        /// changed) are either valid or rejected with reasons; never a panic.
+        #[test]
+        fn mutated_configs_never_panic(drop_line in 0usize..20, dup_line in 0usize..20, junk in "[a-z0-9\"=\\[\\]., -]{0,12}") {
+            let mut lines: Vec<String> = GOOD.lines().map(str::to_owned).collect();
+            if drop_line < lines.len() { lines.remove(drop_line); }
+            if dup_line < lines.len() { let l = lines[dup_line].clone(); lines.insert(dup_line, l); }
+            if let Some(l) = lines.get_mut(drop_line.min(dup_line)) { l.push_str(&junk); }
+            let _ = parse(&lines.join("\n"), Path::new("/"));
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@ use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
-use crate::target;
+use crate::config::Delivery;
+use crate::target::{self, Cidr};
 
 /// Bytes of a response body read (and so the most a receiver can make us read).
 const READ_CAP: u64 = 4096;
@@ -70,12 +71,14 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// One agent per worker thread: `pool_size` idle keep-alive connections
-    /// in all, at most 4 to one host.
-    pub fn new(timeout: Duration, allow_private: bool, pool_size: usize) -> Sender {
+    /// An agent for the delivery settings of `d`, keeping `pool_size` idle
+    /// keep-alive connections in all, at most 4 to one host.
+    pub fn new(d: &Delivery, pool_size: usize) -> Sender {
+        let timeout = d.timeout;
         let t = Some(timeout);
         let config = ureq::Agent::config_builder()
             .max_redirects(0)
+            .https_only(d.https_only)
             .http_status_as_error(false)
             .proxy(None)
             .user_agent(USER_AGENT)
@@ -87,7 +90,11 @@ impl Sender {
             .timeout_recv_response(t)
             .timeout_recv_body(t)
             .build();
-        let resolver = GuardedResolver { allow_private, inner: DefaultResolver::default() };
+        let resolver = GuardedResolver {
+            allow_private: d.allow_private_targets,
+            allowed: d.allowed_cidrs.clone(),
+            inner: DefaultResolver::default(),
+        };
         Sender { agent: ureq::Agent::with_parts(config, DefaultConnector::default(), resolver), timeout }
     }
 
@@ -153,6 +160,7 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
 #[derive(Debug)]
 struct GuardedResolver {
     allow_private: bool,
+    allowed: Vec<Cidr>,
     inner: DefaultResolver,
 }
 
@@ -164,13 +172,11 @@ impl Resolver for GuardedResolver {
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let addrs = self.inner.resolve(uri, config, timeout)?;
-        if !self.allow_private {
-            if let Some((addr, why)) =
-                addrs.iter().find_map(|a: &SocketAddr| Some((a, target::blocked_reason(a.ip())?)))
-            {
-                let msg = format!("blocked: {} is {why}", addr.ip());
-                return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)));
-            }
+        let refused =
+            |a: &SocketAddr| Some((a.ip(), target::refused(a.ip(), self.allow_private, &self.allowed)?));
+        if let Some((ip, why)) = addrs.iter().find_map(refused) {
+            let msg = format!("blocked: {ip} is {why}");
+            return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)));
         }
         Ok(addrs)
     }

@@ -185,8 +185,7 @@ impl Worker {
         let config = self.config.get();
         if !self.sender.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &config)) {
             let d = &config.delivery;
-            self.sender =
-                Some((config.clone(), Sender::new(d.timeout, d.allow_private_targets, POOL_PER_WORKER)));
+            self.sender = Some((config.clone(), Sender::new(d, POOL_PER_WORKER)));
         }
         (config, self.sender.as_ref().expect("just set").1.clone())
     }
@@ -225,7 +224,8 @@ impl Worker {
                 });
                 let started_at_ms = clock::now_ms();
                 let ts = (started_at_ms / 1000).to_string();
-                let signature = sign::header([webhook.secret.expose().as_str()], started_at_ms / 1000, &body);
+                let signature =
+                    sign::header(webhook.signing_secrets(started_at_ms), started_at_ms / 1000, &body);
                 let (did, wid, eid) =
                     (delivery_id.to_string(), webhook.id.to_string(), event.event_id.to_string());
                 let mut headers = vec![

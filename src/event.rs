@@ -103,11 +103,7 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
         )
     })?;
     let client_id = parse_uuid(&required_str(raw.client_id, "client_id")?, "client_id")?;
-    let data = match raw.data {
-        None => return Err(IngestError::invalid("data", "missing field `data`")),
-        Some(d) if d.get().starts_with('{') => d.get().to_owned(),
-        Some(_) => return Err(IngestError::invalid("data", "`data` must be a JSON object")),
-    };
+    let data = data_object(raw.data.ok_or_else(|| IngestError::invalid("data", "missing field `data`"))?)?;
     let event_id = optional_str(raw.event_id, "event_id")?.map(|s| parse_uuid(&s, "event_id")).transpose()?;
     let timestamp_ms = optional_str(raw.timestamp, "timestamp")?
         .map(|s| {
@@ -117,6 +113,42 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
         })
         .transpose()?;
     Ok(Ingest { event_type, client_id, data, event_id, timestamp_ms })
+}
+
+/// Checks an event's `data`: a JSON object, nested no deeper than
+/// [`MAX_DEPTH`] (receivers, and our own comparisons, parse it).
+pub fn data_object(d: &RawValue) -> Result<String, IngestError> {
+    if !d.get().starts_with('{') {
+        return Err(IngestError::invalid("data", "`data` must be a JSON object"));
+    }
+    if nesting_depth(d.get()) > MAX_DEPTH {
+        return Err(IngestError::invalid("data", format!("`data` is nested deeper than {MAX_DEPTH} levels")));
+    }
+    Ok(d.get().to_owned())
+}
+
+/// Deepest nesting of objects and arrays accepted in `data`.
+pub const MAX_DEPTH: usize = 64;
+
+/// How deeply objects and arrays nest in a valid JSON text.
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for b in json.bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn type_list() -> String {
@@ -236,6 +268,50 @@ mod tests {
             field_of(t(r#"{"event_type":"meeting.scheduled","client_id":"CLIENT","data":{},"extra":1}"#)),
             "body"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+        /// Any bytes: a verdict, never a panic; and whatever is accepted has a
+        /// known type and an object for data.
+        #[test]
+        fn ingest_parser_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(i) = parse_ingest(&body) {
+                proptest::prop_assert!(i.data.starts_with('{'), "data {} is not an object", i.data);
+            }
+        }
+
+        /// JSON-shaped input with the right keys and arbitrary values.
+        #[test]
+        fn ingest_fields_are_validated(
+            t in "[a-z_.]{0,30}", client in "[0-9a-f-]{0,40}", data in "\\{\\}|\\[\\]|1|\"x\"|null|\\{\"a\":\\[1,\\{\\}\\]\\}",
+            id in "[0-9a-f-]{0,40}", ts in "[0-9TZ:.+-]{0,30}",
+        ) {
+            let body = format!(r#"{{"event_type":"{t}","client_id":"{client}","data":{data},"event_id":"{id}","timestamp":"{ts}"}}"#);
+            match parse_ingest(body.as_bytes()) {
+                Ok(i) => {
+                    proptest::prop_assert_eq!(i.event_type.as_str(), t.as_str());
+                    proptest::prop_assert!(i.data.starts_with('{'), "data {} is not an object", i.data);
+                }
+                Err(IngestError::Invalid { .. }) => {}
+                Err(IngestError::Unparseable(m)) => proptest::prop_assert!(false, "valid JSON called unparseable: {}", m),
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_depth_ignores_brackets_in_strings() {
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":"[[[{{"}]}"#), 3);
+        assert_eq!(nesting_depth(r#"{"a":"\\\"[[["}"#), 1);
+        assert_eq!(nesting_depth("{}"), 1);
+    }
+
+    #[test]
+    fn deeply_nested_data_is_refused_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body =
+            format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT}","data":{{"x":{deep}}}}}"#);
+        assert!(parse_ingest(body.as_bytes()).is_err());
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(c) => {
+                c.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
                 println!("{}: ok ({} webhooks)", config.display(), c.webhooks().len());
                 ExitCode::SUCCESS
             }
@@ -151,6 +152,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&loaded.server.log_level);
+            loaded.warnings.iter().for_each(|w| tracing::warn!("{w}"));
             report(run(&config, loaded), "run")
         }
         Command::Send { event_type, client_id, data, event_id, config } => report(
@@ -305,6 +307,7 @@ async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
             return;
         }
     };
+    new.warnings.iter().for_each(|w| tracing::warn!("{w}"));
     let old = shared.get();
     let restart = old.needs_restart(&new);
     if !restart.is_empty() {

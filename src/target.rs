@@ -58,6 +58,68 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
+/// An address range in CIDR form, for `[delivery] allowed_cidrs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    /// Parses `10.1.0.0/16` or `fd00::/8`; host bits must be zero.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not in CIDR form like \"10.1.0.0/16\""))?;
+        let net: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("prefix length must be 0 to {max}"))?;
+        let cidr = Cidr { net, len };
+        if cidr.masked(net) != Some(bits(net)) {
+            return Err(format!("{text:?} has host bits set"));
+        }
+        Ok(cidr)
+    }
+
+    /// `ip` with the host bits cleared, if it is of this range's family.
+    fn masked(&self, ip: IpAddr) -> Option<u128> {
+        let (width, value) = match (self.net, ip) {
+            (IpAddr::V4(_), IpAddr::V4(v)) => (32, u32::from(v) as u128),
+            (IpAddr::V6(_), IpAddr::V6(v)) => (128, u128::from(v)),
+            _ => return None,
+        };
+        let host_bits = width - self.len as u32;
+        Some(if host_bits >= 128 { 0 } else { value >> host_bits << host_bits })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.masked(ip) == Some(bits(self.net))
+    }
+}
+
+fn bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v) => u32::from(v) as u128,
+        IpAddr::V6(v) => u128::from(v),
+    }
+}
+
+/// Why a connection to `ip` is refused under this policy, if it is.
+pub fn refused(ip: IpAddr, allow_private: bool, allowed: &[Cidr]) -> Option<&'static str> {
+    if allow_private || allowed.iter().any(|c| c.contains(ip)) {
+        return None;
+    }
+    blocked_reason(ip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +155,25 @@ mod tests {
         ] {
             assert_eq!(r(ip), Some(why), "{ip}");
         }
+    }
+
+    #[test]
+    fn allowed_cidrs_open_exactly_their_range() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("10.1.0.1/16").is_err(), "host bits");
+        assert!(Cidr::parse("10.1.0.0").is_err());
+        assert!(Cidr::parse("10.1.0.0/33").is_err());
+        let allowed = [c];
+        assert_eq!(refused("10.1.2.3".parse().unwrap(), false, &allowed), None);
+        assert_eq!(refused("10.9.2.3".parse().unwrap(), false, &allowed), Some("a private address"));
+        assert_eq!(refused("10.9.2.3".parse().unwrap(), true, &[]), None);
     }
 
     #[test]

@@ -172,10 +172,6 @@ fn parse_test_body(body: &[u8]) -> Result<(EventType, String), ApiError> {
         Some(name) => EventType::parse(&name)
             .ok_or_else(|| ApiError::invalid("event_type", format!("unknown event type {name:?}")))?,
     };
-    let data = match t.data {
-        None => "{}".to_owned(),
-        Some(d) if d.get().starts_with('{') => d.get().to_owned(),
-        Some(_) => return Err(ApiError::invalid("data", "`data` must be a JSON object")),
-    };
+    let data = t.data.map(event::data_object).transpose()?.unwrap_or_else(|| "{}".to_owned());
     Ok((event_type, data))
 }

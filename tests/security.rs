@@ -1,0 +1,257 @@
+//! Safe by default: blocked targets, hostile receivers, the API token, secret
+//! handling and rotation.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+const W1: &str = "11111111-1111-4111-8111-111111111111";
+const W2: &str = "22222222-2222-4222-8222-222222222222";
+const W3: &str = "33333333-3333-4333-8333-333333333333";
+const W4: &str = "44444444-4444-4444-8444-444444444444";
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// A TCP server on loopback that treats every connection with `serve`.
+fn raw_server(serve: fn(TcpStream)) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    format!("http://{addr}/")
+}
+
+fn read_request(conn: &mut TcpStream) {
+    let mut buf = [0u8; 8192];
+    let _ = conn.read(&mut buf);
+}
+
+fn drip_headers(mut conn: TcpStream) {
+    read_request(&mut conn);
+    for b in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" {
+        if conn.write_all(&[*b]).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn garbage(mut conn: TcpStream) {
+    read_request(&mut conn);
+    let _ = conn.write_all(b"THIS IS NOT HTTP\r\n\r\n");
+}
+
+fn reset(mut conn: TcpStream) {
+    read_request(&mut conn);
+    // SO_LINGER 0: closing sends RST instead of FIN.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+fn huge(mut conn: TcpStream) {
+    read_request(&mut conn);
+    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n");
+    let chunk = vec![b'x'; 65536];
+    for _ in 0..1600 {
+        if conn.write_all(&chunk).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn hostile_receivers_cost_one_bounded_attempt() {
+    let cfg = format!(
+        "[delivery]\ntimeout = \"500ms\"\nretry_schedule = []\nallow_private_targets = true\nworkers = 4\n\n{}{}{}{}",
+        webhook(W1, CLIENT_A, &raw_server(drip_headers), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &raw_server(garbage), r#"["*"]"#),
+        webhook(W3, CLIENT_A, &raw_server(reset), r#"["*"]"#),
+        webhook(W4, CLIENT_A, &raw_server(huge), r#"["*"]"#),
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "failed"], SETTLE);
+    let attempt = |w: &str| -> Value {
+        let dl = ev["deliveries"].as_array().unwrap().iter().find(|d| d["webhook_id"] == w).unwrap();
+        assert_eq!(dl["attempts"].as_array().unwrap().len(), 1, "{dl}");
+        dl["attempts"][0].clone()
+    };
+    let drip = attempt(W1);
+    assert_eq!(drip["error"], "timed out after 500ms", "{drip}");
+    assert!(drip["duration_ms"].as_u64().unwrap() < 5_000, "a dripping receiver is cut off: {drip}");
+    let g = attempt(W2);
+    assert!(g.get("status_code").is_none() && !g["error"].as_str().unwrap().is_empty(), "{g}");
+    let r = attempt(W3);
+    let reason = r["error"].as_str().unwrap();
+    assert!(reason == "connection reset" || reason == "connection closed before a response", "{r}");
+    let h = attempt(W4);
+    assert_eq!(h["status_code"], 200, "{h}");
+    assert!(h["response_body"].as_str().unwrap().len() <= 1024, "only the first bytes are kept");
+    assert!(h["duration_ms"].as_u64().unwrap() < 5_000, "a 100 MB answer is not read: {h}");
+}
+
+#[test]
+fn rotation_signs_with_every_unexpired_secret() {
+    let rx = Receiver::start();
+    let hook = webhook(W1, CLIENT_A, &rx.url("/ok/rot"), r#"["*"]"#).replace(
+        &format!("secret = \"whsec_{W1}\""),
+        "secret = \"whsec_new\"\nprevious_secrets = [\n  { secret = \"whsec_old\", expires = \"2100-01-01T00:00:00Z\" },\n  { secret = \"whsec_gone\", expires = \"2020-01-01T00:00:00Z\" },\n]",
+    );
+    let d = Daemon::start("", &format!("[delivery]\nallow_private_targets = true\n\n{hook}"));
+    assert_eq!(d.send("meeting.scheduled", CLIENT_A, "{}").0, 202);
+    wait_for("the delivery", SETTLE, || rx.hits().len() == 1);
+    let hit = &rx.hits()[0];
+    let ts = hit.header("x-nexor-timestamp");
+    let sign = |secret: &str| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{ts}.").as_bytes());
+        mac.update(&hit.body);
+        format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    assert_eq!(hit.header("x-nexor-signature"), format!("{},{}", sign("whsec_new"), sign("whsec_old")));
+    // The CLI verifier accepts the header with either key, and not the expired one.
+    let body_file = d.dir.path().join("body");
+    std::fs::write(&body_file, &hit.body).unwrap();
+    for (secret, ok) in [("whsec_new", true), ("whsec_old", true), ("whsec_gone", false)] {
+        let out = Command::new(bin())
+            .args([
+                "verify",
+                "--secret",
+                secret,
+                "--timestamp",
+                ts,
+                "--signature",
+                hit.header("x-nexor-signature"),
+            ])
+            .arg("--body")
+            .arg(&body_file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.success(), ok, "{secret}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_logs_api_or_metrics() {
+    let rx = Receiver::start();
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), "file-secret-3f9a\n").unwrap();
+    std::env::set_var("NEXOR_TEST_ENV_SECRET", "env-secret-77c1");
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/s1"), r#"["*"]"#)
+            .replace(&format!("secret = \"whsec_{W1}\""), "secret = \"inline-secret-51be\""),
+        webhook(W2, CLIENT_A, &rx.url("/fail/s2"), r#"["*"]"#).replace(
+            &format!("secret = \"whsec_{W2}\""),
+            &format!("secret_file = \"{}\"", secret_file.path().display())
+        ),
+        webhook(W3, CLIENT_A, &rx.url("/ok/s3"), r#"["*"]"#)
+            .replace(&format!("secret = \"whsec_{W3}\""), "secret_env = \"NEXOR_TEST_ENV_SECRET\""),
+    );
+    let d = Daemon::start("api_token = \"token-secret-0d2e\"", &cfg);
+    let token = Some("token-secret-0d2e");
+    let (status, body) = d.request(
+        "POST",
+        "/v1/events",
+        token,
+        Some(
+            format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#)
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(status, 202);
+    let id = body["event_id"].as_str().unwrap();
+    wait_for("all three attempts", SETTLE, || rx.hits().len() == 3);
+    // The env and file secrets signed their deliveries.
+    let hit = rx.hits_on("/ok/s3").remove(0);
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"env-secret-77c1").unwrap();
+    mac.update(format!("{}.", hit.header("x-nexor-timestamp")).as_bytes());
+    mac.update(&hit.body);
+    assert_eq!(hit.header("x-nexor-signature"), format!("v1={}", hex::encode(mac.finalize().into_bytes())));
+
+    let mut seen = d.log();
+    for path in [
+        "/v1/webhooks".to_owned(),
+        format!("/v1/webhooks/{W2}"),
+        format!("/v1/events/{id}"),
+        format!("/v1/webhooks/{W2}/deliveries"),
+    ] {
+        seen.push_str(&d.request("GET", &path, token, None).1.to_string());
+    }
+    seen.push_str(
+        &ureq::get(format!("{}/metrics", d.base)).call().unwrap().body_mut().read_to_string().unwrap(),
+    );
+    seen.push_str(&d.request("GET", "/v1/webhooks", Some("wrong"), None).1.to_string());
+    for secret in ["inline-secret-51be", "file-secret-3f9a", "env-secret-77c1", "token-secret-0d2e"] {
+        assert!(!seen.contains(secret), "{secret} leaked");
+    }
+    assert!(seen.contains("<redacted>"));
+}
+
+#[test]
+fn an_api_off_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let port = free_port();
+    let base = format!("[server]\nlisten = \"0.0.0.0:{port}\"\n\n[storage]\npath = \"data\"\n");
+    std::fs::write(&path, &base).unwrap();
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api_token is required"));
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+
+    // With a token from a file it starts, and every /v1 call needs it.
+    std::fs::write(dir.path().join("token"), "file-token\n").unwrap();
+    std::fs::write(&path, base.replace("[server]\n", "[server]\napi_token_file = \"token\"\n")).unwrap();
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let url = format!("http://127.0.0.1:{port}/v1/webhooks");
+    wait_for("the daemon", SETTLE, || agent.get(&url).call().is_ok());
+    assert_eq!(agent.get(&url).call().unwrap().status(), 401);
+    assert_eq!(agent.get(&url).header("Authorization", "Bearer file-token").call().unwrap().status(), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn allowed_cidrs_open_a_range_without_allowing_all_private_targets() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallowed_cidrs = [\"127.0.0.0/8\"]\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/cidr"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded"], SETTLE);
+
+    // An IPv6 literal outside the range is refused before anything starts.
+    let bad = d.dir.path().join("bad.toml");
+    std::fs::write(&bad, cfg.replace(&rx.base, "http://[::1]:9")).unwrap();
+    let out = Command::new(bin()).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("::1 is a loopback address"));
+}
