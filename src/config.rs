@@ -32,6 +32,8 @@ const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
 /// Where the API token comes from when the file names none.
 pub const TOKEN_ENV: &str = "NEXOR_WEBHOOKD_API_TOKEN";
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
+const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// A validated configuration.
@@ -66,6 +68,8 @@ pub struct Storage {
     pub cache_capacity: u64,
     /// Final deliveries and their events are deleted this long after ingest.
     pub retention: Duration,
+    /// Ingest answers 503 while the disk has less free space than this.
+    pub min_free_space: u64,
 }
 
 #[derive(Debug)]
@@ -78,6 +82,12 @@ pub struct Delivery {
     /// Refuse plain `http://` webhook URLs.
     pub https_only: bool,
     pub workers: usize,
+    /// Most attempts of one webhook in flight at once.
+    pub per_webhook_in_flight: usize,
+    /// Retry delays are stretched by a random fraction of themselves below this.
+    pub retry_jitter: f64,
+    /// The most a receiver's `Retry-After` may push a retry back.
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug)]
@@ -171,6 +181,10 @@ impl Config {
         check(self.storage.path != new.storage.path, "[storage] path");
         check(self.storage.cache_capacity != new.storage.cache_capacity, "[storage] cache_capacity");
         check(self.delivery.workers != new.delivery.workers, "[delivery] workers");
+        check(
+            self.delivery.per_webhook_in_flight != new.delivery.per_webhook_in_flight,
+            "[delivery] per_webhook_in_flight",
+        );
         changed
     }
 
@@ -305,6 +319,7 @@ struct RawStorage {
     path: Option<Spanned<String>>,
     cache_capacity: Option<Spanned<u64>>,
     retention: Option<Spanned<String>>,
+    min_free_space: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -316,6 +331,9 @@ struct RawDelivery {
     allowed_cidrs: Option<Vec<Spanned<String>>>,
     https_only: Option<bool>,
     workers: Option<Spanned<u64>>,
+    per_webhook_in_flight: Option<Spanned<u64>>,
+    retry_jitter: Option<Spanned<f64>>,
+    max_retry_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -440,6 +458,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         None => Some(DEFAULT_CACHE),
         Some(v) => c.positive(v, "cache_capacity"),
     };
+    let min_free_space = raw.storage.min_free_space.as_ref().map_or(DEFAULT_MIN_FREE, |v| *v.get_ref());
     let retention = match &raw.storage.retention {
         None => Some(DEFAULT_RETENTION),
         Some(v) => c.duration(v, "retention"),
@@ -478,11 +497,24 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             Err(e) => c.fail(v.span(), format!("allowed_cidrs: {e}")),
         })
         .collect();
-    let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
     let workers = match &raw.delivery.workers {
         None => Some(DEFAULT_WORKERS),
         Some(v) => c.positive(v, "workers"),
     };
+    let per_webhook_in_flight = match &raw.delivery.per_webhook_in_flight {
+        None => workers.map(|w| (w / 4).max(1)),
+        Some(v) => c.positive(v, "per_webhook_in_flight"),
+    };
+    let retry_jitter = match &raw.delivery.retry_jitter {
+        None => Some(0.0),
+        Some(v) if (0.0..=1.0).contains(v.get_ref()) => Some(*v.get_ref()),
+        Some(v) => c.fail(v.span(), "retry_jitter must be a fraction from 0 to 1"),
+    };
+    let max_retry_after = match &raw.delivery.max_retry_after {
+        None => Some(DEFAULT_MAX_RETRY_AFTER),
+        Some(v) => c.duration(v, "max_retry_after"),
+    };
+    let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
 
     let mut seen = HashSet::new();
     let mut webhooks = Vec::new();
@@ -562,6 +594,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             path: storage_path.unwrap(),
             cache_capacity: cache_capacity.unwrap(),
             retention: retention.unwrap(),
+            min_free_space,
         },
         delivery: Delivery {
             timeout: timeout.unwrap(),
@@ -570,6 +603,9 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             allowed_cidrs,
             https_only,
             workers: workers.unwrap() as usize,
+            per_webhook_in_flight: per_webhook_in_flight.unwrap() as usize,
+            retry_jitter: retry_jitter.unwrap(),
+            max_retry_after: max_retry_after.unwrap(),
         },
         warnings: Vec::new(),
         webhooks,

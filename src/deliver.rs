@@ -10,7 +10,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -45,6 +45,8 @@ pub struct Answer {
     pub error: Option<String>,
     pub response_body: String,
     pub duration: Duration,
+    /// The receiver's `Retry-After` on a 429 or 503 (seconds or HTTP-date).
+    pub retry_after: Option<Duration>,
 }
 
 impl Answer {
@@ -105,9 +107,14 @@ impl Sender {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
+        let mut retry_after = None;
         let (class, status_code, error, response_body) = match req.send(body) {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
+                if status == 429 || status == 503 {
+                    let header = resp.headers().get("retry-after").and_then(|v| v.to_str().ok());
+                    retry_after = header.and_then(|h| parse_retry_after(h, SystemTime::now()));
+                }
                 let mut buf = Vec::new();
                 // The status decides the outcome; a body that fails to arrive
                 // in full only shortens what we keep of it.
@@ -125,8 +132,23 @@ impl Sender {
                 (class, None, Some(reason), String::new())
             }
         };
-        Answer { class, status_code, error, response_body, duration: start.elapsed() }
+        Answer { class, status_code, error, response_body, duration: start.elapsed(), retry_after }
     }
+}
+
+fn is_tls(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["certificate", "handshake", "tls", "alert"].iter().any(|w| m.contains(w))
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date, as a delay from `now`.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// Turns a ureq error into words for the attempt log.
@@ -145,12 +167,34 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
             }
             ErrorKind::UnexpectedEof => (Class::Connect, "connection closed before a response".into()),
             ErrorKind::TimedOut | ErrorKind::WouldBlock => timed_out(),
+            // rustls reports handshake failures (bad certificate, alerts) as InvalidData.
+            ErrorKind::InvalidData if is_tls(&io.to_string()) => (Class::Connect, format!("TLS error: {io}")),
             _ => (Class::Connect, io.to_string()),
         },
         ureq::Error::HostNotFound => (Class::Connect, "host not found".into()),
         ureq::Error::ConnectionFailed => (Class::Connect, "connection failed".into()),
         ureq::Error::Tls(_) | ureq::Error::Rustls(_) => (Class::Connect, format!("TLS error: {e}")),
         _ => (Class::Other, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:30:00 GMT", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "past: no wait"
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 }
 
@@ -171,7 +215,11 @@ impl Resolver for GuardedResolver {
         config: &ureq::config::Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let addrs = self.inner.resolve(uri, config, timeout)?;
+        // A failed lookup is an io::Error carrying getaddrinfo's wording; say it plainly.
+        let addrs = self.inner.resolve(uri, config, timeout).map_err(|e| match e {
+            ureq::Error::Io(_) => ureq::Error::HostNotFound,
+            e => e,
+        })?;
         let refused =
             |a: &SocketAddr| Some((a.ip(), target::refused(a.ip(), self.allow_private, &self.allowed)?));
         if let Some((ip, why)) = addrs.iter().find_map(refused) {

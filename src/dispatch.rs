@@ -23,7 +23,7 @@ use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
-use crate::schedule::{self, Queue};
+use crate::schedule::{self, Policy, Queue, Refill};
 use crate::sign;
 use crate::store::{Attempt, DeliveryKey, Due, Outcome, Status, Store};
 
@@ -69,7 +69,11 @@ struct Worker {
     config: config::Shared,
     metrics: Metrics,
     sender: Option<(Arc<Config>, Sender)>,
+    done: mpsc::UnboundedSender<Msg>,
 }
+
+/// Deliveries in flight per worker thread.
+const IN_FLIGHT_PER_WORKER: usize = 4;
 
 /// Idle keep-alive connections each worker keeps.
 const POOL_PER_WORKER: usize = 8;
@@ -77,7 +81,11 @@ const POOL_PER_WORKER: usize = 8;
 pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
     let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeliveryKey>(n);
+    // Workers hand an outcome to the committer and move on, so more
+    // deliveries than workers are in flight: some waiting for a worker, some
+    // for their outcome to be stored.
+    let max_in_flight = n * IN_FLIGHT_PER_WORKER;
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeliveryKey>(max_in_flight);
     let workers = (0..n)
         .map(|i| {
             let mut w = Worker {
@@ -85,21 +93,22 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
                 config: config.clone(),
                 metrics: metrics.clone(),
                 sender: None,
+                done: tx.clone(),
             };
             let jobs = jobs_rx.clone();
-            let done = tx.clone();
             thread::Builder::new()
                 .name(format!("deliver-{i}"))
                 .spawn(move || {
                     for key in jobs {
-                        let _ = done.send(Msg::Finished(key, w.attempt(key)));
+                        w.attempt(key);
                     }
                 })
                 .expect("spawn delivery worker")
         })
         .collect();
     let shutdown = Arc::new(Notify::new());
-    let task = tokio::spawn(run(store, rx, jobs_tx, n, shutdown.clone()));
+    let per_webhook = config.get().delivery.per_webhook_in_flight;
+    let task = tokio::spawn(run(store, rx, jobs_tx, max_in_flight, per_webhook, shutdown.clone()));
     Engine { handle: Dispatcher { tx }, shutdown, task, workers }
 }
 
@@ -124,9 +133,10 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     jobs: crossbeam_channel::Sender<DeliveryKey>,
     max_in_flight: usize,
+    per_webhook: usize,
     shutdown: Arc<Notify>,
 ) {
-    let mut queue = Queue::new(WINDOW, CAPACITY);
+    let mut queue = Queue::new(WINDOW, CAPACITY, per_webhook);
     let mut store_failing_until = 0;
     loop {
         let now = clock::now_ms() as u64;
@@ -138,7 +148,8 @@ async fn run(
         }
         while queue.in_flight() < max_in_flight {
             let Some(key) = queue.pop_due(now) else { break };
-            if jobs.send(key).is_err() {
+            // Never blocks: the channel holds as many keys as may be in flight.
+            if jobs.try_send(key).is_err() {
                 return;
             }
         }
@@ -171,10 +182,18 @@ fn handle(queue: &mut Queue, msg: Msg) {
 
 fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), crate::store::StoreError> {
     while let Some(r) = queue.refill(now) {
-        let entries = store.scan_due(r.from, r.until_ms, r.limit)?;
-        let next =
-            if entries.len() < r.limit { store.first_due_from(Due::at(r.until_ms + 1))? } else { None };
-        queue.refilled(r, entries, next);
+        match r {
+            Refill::Window { from, until_ms, limit } => {
+                let entries = store.scan_due(from, until_ms, limit)?;
+                let next =
+                    if entries.len() < limit { store.first_due_from(Due::at(until_ms + 1))? } else { None };
+                queue.refilled(r, entries, next);
+            }
+            Refill::Webhook { webhook, from, until, limit, scan } => {
+                let (entries, next) = store.scan_webhook_due(webhook, from, until, limit, scan)?;
+                queue.refilled(r, entries, next);
+            }
+        }
     }
     Ok(())
 }
@@ -190,19 +209,21 @@ impl Worker {
         (config, self.sender.as_ref().expect("just set").1.clone())
     }
 
-    /// Makes one attempt of `key` (or cancels it) and records the outcome.
-    /// Returns the stored next due entry.
-    fn attempt(&mut self, key: DeliveryKey) -> Option<Due> {
+    /// Makes one attempt of `key` (or cancels it) and records the outcome;
+    /// the dispatcher hears of it once it is stored.
+    fn attempt(&mut self, key: DeliveryKey) {
         let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
             (e, d) => {
                 self.metrics.undecodable();
                 tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, "cannot load a due delivery; skipping it until restart");
-                return None;
+                let _ = self.done.send(Msg::Finished(key, None));
+                return;
             }
         };
         if !matches!(delivery.status, Status::Pending | Status::Retrying) {
-            return None;
+            let _ = self.done.send(Msg::Finished(key, None));
+            return;
         }
         let (config, sender) = self.current();
         let (attempt, status, next_attempt_at) = match config.webhook(&key.webhook).filter(|w| w.enabled) {
@@ -252,11 +273,19 @@ impl Worker {
                 let answer = sender.post(&webhook.url, &headers, &body);
                 self.metrics.attempt(answer.outcome_label(), answer.duration.as_secs_f64());
                 let duration_ms = answer.duration.as_millis() as u64;
+                let policy = Policy {
+                    retry_schedule: &config.delivery.retry_schedule,
+                    jitter: config.delivery.retry_jitter,
+                    max_retry_after: config.delivery.max_retry_after,
+                };
                 let (status, next) = schedule::after_attempt(
                     answer.class == Class::Success,
                     delivery.attempts_in_round(),
-                    &config.delivery.retry_schedule,
+                    &policy,
+                    answer.retry_after,
                     started_at_ms + duration_ms as i64,
+                    // A uniform fraction from a random uuid's bits: enough for jitter.
+                    (Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64,
                 );
                 tracing::info!(
                     webhook_id = %webhook.id,
@@ -279,12 +308,19 @@ impl Worker {
                 (Some(attempt), status, next)
             }
         };
-        match self.store.record_blocking(Outcome { key, attempt, status, next_attempt_at }) {
-            Ok(()) => next_attempt_at.map(|at| Due { at_ms: at as u64, key }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record an attempt; it will be made again");
-                Some(Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
-            }
-        }
+        // The worker moves on at once; the dispatcher hears of the attempt
+        // only once its outcome is on disk, so the delivery stays in flight
+        // (and is not handed out again) until then.
+        let done = self.done.clone();
+        self.store.record_then(Outcome { key, attempt, status, next_attempt_at }, move |written| {
+            let next = match written {
+                Ok(()) => next_attempt_at.map(|at| Due { at_ms: at as u64, key }),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record an attempt; it will be made again");
+                    Some(Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
+                }
+            };
+            let _ = done.send(Msg::Finished(key, next));
+        });
     }
 }

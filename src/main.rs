@@ -236,7 +236,11 @@ fn run(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
-    let store = store::Store::open(&config.storage.path, config.storage.cache_capacity)?;
+    let options = store::Options {
+        cache_capacity: config.storage.cache_capacity,
+        min_free_space: config.storage.min_free_space,
+    };
+    let store = store::Store::open(&config.storage.path, &options)?;
     let listen = config.server.listen;
     let shared = config::Shared::new(config);
     let metrics = metrics::Metrics::new();

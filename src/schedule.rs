@@ -3,30 +3,55 @@
 //! The durable due index in the store is the source of truth. [`Queue`] holds
 //! in memory only the entries due within a window ahead (at most `capacity`
 //! of them) plus the keys of attempts in flight, and asks to be refilled from
-//! the store as time moves on. Its one invariant: every stored due entry below
-//! `cursor` is either in `ready` or in flight; nothing at or above `cursor` is
-//! in memory. So a backlog of a million deliveries waiting hours for a retry
-//! costs no memory until their time comes close.
+//! the store as time moves on. Its invariant: every stored due entry below
+//! `cursor` is in memory (ready, held, or in flight) or, for a webhook that
+//! spilled, at or after that webhook's `spilled` mark; nothing at or above
+//! `cursor` is in memory. So a backlog of a million deliveries waiting hours
+//! for a retry costs no memory until their time comes close.
+//!
+//! Isolation: at most `per_webhook` attempts of one webhook are in flight.
+//! Due entries of a webhook at that limit are *held* aside (at most
+//! [`HELD_MAX`] per webhook; the rest stay in the store and are read back
+//! as the held ones drain), so a hanging or dead endpoint never takes the
+//! workers or the memory that other webhooks need.
 //!
 //! [`after_attempt`] is the retry policy: which status an attempt leads to and
 //! when the next one is due.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
+
+use uuid::Uuid;
 
 use crate::store::{DeliveryKey, Due, Status};
 
-/// A request to read due entries `from..` up to `until_ms`, at most `limit`.
+/// Most due entries held in memory for one webhook at its in-flight limit.
+pub const HELD_MAX: usize = 1024;
+
+/// A read of the due index the queue needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refill {
-    pub from: Due,
-    pub until_ms: u64,
-    pub limit: usize,
+pub enum Refill {
+    /// Entries `from..`, due no later than `until_ms`, at most `limit`.
+    Window { from: Due, until_ms: u64, limit: usize },
+    /// Entries of `webhook` in `from..until`, at most `limit`, looking at no
+    /// more than `scan` entries in all.
+    Webhook { webhook: Uuid, from: Due, until: Due, limit: usize, scan: usize },
+}
+
+#[derive(Default)]
+struct Held {
+    set: BTreeSet<Due>,
+    /// Entries of this webhook at or after this mark (and below the cursor)
+    /// were let go to the store and must be read back.
+    spilled: Option<Due>,
 }
 
 pub struct Queue {
     ready: BTreeSet<Due>,
+    held: HashMap<Uuid, Held>,
     in_flight: HashSet<DeliveryKey>,
+    flying: HashMap<Uuid, usize>,
+    per_webhook: usize,
     cursor: Due,
     /// Due time of the earliest stored entry at or above `cursor`, if any is known.
     beyond: Option<u64>,
@@ -36,10 +61,13 @@ pub struct Queue {
 
 impl Queue {
     /// An empty queue that will load everything due from the store.
-    pub fn new(window: Duration, capacity: usize) -> Queue {
+    pub fn new(window: Duration, capacity: usize, per_webhook: usize) -> Queue {
         Queue {
             ready: BTreeSet::new(),
+            held: HashMap::new(),
             in_flight: HashSet::new(),
+            flying: HashMap::new(),
+            per_webhook: per_webhook.max(1),
             cursor: Due::at(0),
             beyond: Some(0),
             window_ms: window.as_millis() as u64,
@@ -61,30 +89,73 @@ impl Queue {
         self.beyond = Some(self.beyond.map_or(at_ms, |b| b.min(at_ms)));
     }
 
-    /// Keeps memory bounded: the latest entries go back to living only in the
-    /// store, and the cursor moves down to them.
+    /// Keeps memory bounded: the latest ready entries go back to living only
+    /// in the store, and the cursor moves down to them (held entries above
+    /// the new cursor go too, to keep the invariant).
     fn trim(&mut self) {
-        while self.ready.len() > self.capacity {
+        if self.ready.len() <= self.capacity {
+            return;
+        }
+        while self.ready.len() > self.capacity - self.capacity / 10 {
             let last = self.ready.pop_last().expect("non-empty");
             self.cursor = last;
-            self.note_beyond(last.at_ms);
         }
+        self.note_beyond(self.cursor.at_ms);
+        let cursor = self.cursor;
+        for h in self.held.values_mut() {
+            h.set.split_off(&cursor);
+            // Spilled entries at or above the cursor are the window's to read.
+            if h.spilled.is_some_and(|s| s >= cursor) {
+                h.spilled = None;
+            }
+        }
+        self.held.retain(|_, h| !h.set.is_empty() || h.spilled.is_some());
     }
 
-    /// The next delivery due at `now_ms`, now counted as in flight.
+    /// The next delivery due at `now_ms` whose webhook may take another
+    /// attempt, now counted as in flight.
     pub fn pop_due(&mut self, now_ms: u64) -> Option<DeliveryKey> {
-        let first = *self.ready.first()?;
-        if first.at_ms > now_ms {
-            return None;
+        loop {
+            let first = *self.ready.first()?;
+            if first.at_ms > now_ms {
+                return None;
+            }
+            self.ready.pop_first();
+            let webhook = first.key.webhook;
+            let flying = self.flying.entry(webhook).or_default();
+            if *flying < self.per_webhook {
+                *flying += 1;
+                self.in_flight.insert(first.key);
+                return Some(first.key);
+            }
+            let held = self.held.entry(webhook).or_default();
+            held.set.insert(first);
+            if held.set.len() > HELD_MAX {
+                let last = held.set.pop_last().expect("non-empty");
+                held.spilled = Some(held.spilled.map_or(last, |s| s.min(last)));
+            }
         }
-        self.ready.pop_first();
-        self.in_flight.insert(first.key);
-        Some(first.key)
     }
 
-    /// An attempt is over; `next` is its stored next due entry, if any.
+    /// An attempt is over; `next` is its stored next due entry, if any. The
+    /// webhook's earliest held entry, if any, becomes ready.
     pub fn finished(&mut self, key: DeliveryKey, next: Option<Due>) {
-        self.in_flight.remove(&key);
+        if self.in_flight.remove(&key) {
+            if let Some(n) = self.flying.get_mut(&key.webhook) {
+                *n -= 1;
+                if *n == 0 {
+                    self.flying.remove(&key.webhook);
+                }
+            }
+        }
+        if let Some(h) = self.held.get_mut(&key.webhook) {
+            if let Some(d) = h.set.pop_first() {
+                self.ready.insert(d);
+            }
+            if h.set.is_empty() && h.spilled.is_none() {
+                self.held.remove(&key.webhook);
+            }
+        }
         if let Some(d) = next {
             self.insert(d);
         }
@@ -99,37 +170,80 @@ impl Queue {
         self.ready.len()
     }
 
-    /// What to read from the store now, if anything.
+    /// What to read from the store now, if anything: a webhook whose held
+    /// entries ran low while more of its entries wait in the store first,
+    /// then the window.
     pub fn refill(&self, now_ms: u64) -> Option<Refill> {
+        let drained = self.held.iter().find(|(_, h)| h.set.len() < HELD_MAX / 2 && h.spilled.is_some());
+        if let Some((webhook, h)) = drained {
+            return Some(Refill::Webhook {
+                webhook: *webhook,
+                from: h.spilled.expect("filtered on"),
+                until: self.cursor,
+                limit: HELD_MAX - h.set.len(),
+                scan: self.capacity,
+            });
+        }
         let beyond = self.beyond?;
         let room = self.capacity - self.ready.len().min(self.capacity);
         if room < self.capacity / 2 || beyond > now_ms + self.window_ms / 2 {
             return None;
         }
-        Some(Refill { from: self.cursor, until_ms: now_ms + self.window_ms, limit: room })
+        Some(Refill::Window { from: self.cursor, until_ms: now_ms + self.window_ms, limit: room })
     }
 
-    /// The store answered `r` with `entries`; `next` is the first stored entry
-    /// after `r.until_ms` (only looked up when fewer than `r.limit` came back).
+    fn in_memory(&self, d: &Due) -> bool {
+        self.in_flight.contains(&d.key)
+            || self.ready.contains(d)
+            || self.held.get(&d.key.webhook).is_some_and(|h| h.set.contains(d))
+    }
+
+    /// The store answered `r` with `entries`. For a window read, `next` is
+    /// the first stored entry after `until_ms` (looked up only when fewer than
+    /// `limit` came back); for a webhook read, `next` is where to go on from
+    /// (`None` when the range is exhausted).
     pub fn refilled(&mut self, r: Refill, entries: Vec<Due>, next: Option<Due>) {
-        let full = entries.len() >= r.limit;
-        let last = entries.last().copied();
-        for d in entries {
-            if !self.in_flight.contains(&d.key) {
-                self.ready.insert(d);
+        match r {
+            Refill::Window { until_ms, limit, .. } => {
+                let full = entries.len() >= limit;
+                let last = entries.last().copied();
+                for d in entries {
+                    if !self.in_memory(&d) {
+                        self.ready.insert(d);
+                    }
+                }
+                match (full, last) {
+                    (true, Some(last)) => {
+                        self.cursor = last.successor();
+                        self.beyond = Some(self.cursor.at_ms);
+                    }
+                    _ => {
+                        self.cursor = Due::at(until_ms + 1);
+                        self.beyond = next.map(|d| d.at_ms);
+                    }
+                }
+                self.trim();
+            }
+            Refill::Webhook { webhook, .. } => {
+                let fresh: Vec<Due> = entries.into_iter().filter(|d| !self.in_memory(d)).collect();
+                let h = self.held.entry(webhook).or_default();
+                h.set.extend(fresh);
+                h.spilled = next;
+                // Whatever the webhook can take now moves to ready at once.
+                let free = self.per_webhook.saturating_sub(self.flying.get(&webhook).copied().unwrap_or(0));
+                for _ in 0..free {
+                    match h.set.pop_first() {
+                        Some(d) => {
+                            self.ready.insert(d);
+                        }
+                        None => break,
+                    }
+                }
+                if h.set.is_empty() && h.spilled.is_none() {
+                    self.held.remove(&webhook);
+                }
             }
         }
-        match (full, last) {
-            (true, Some(last)) => {
-                self.cursor = successor(last);
-                self.beyond = Some(self.cursor.at_ms);
-            }
-            _ => {
-                self.cursor = Due::at(r.until_ms + 1);
-                self.beyond = next.map(|d| d.at_ms);
-            }
-        }
-        self.trim();
     }
 
     /// When the dispatcher must look again (ms since epoch), if ever by itself.
@@ -144,29 +258,38 @@ impl Queue {
     }
 }
 
-/// The smallest entry after `d` in key order.
-fn successor(d: Due) -> Due {
-    let w = u128::from_be_bytes(*d.key.webhook.as_bytes());
-    let (webhook, carry) = w.overflowing_add(1);
-    let (seq, carry) = if carry { d.key.seq.overflowing_add(1) } else { (d.key.seq, false) };
-    let at_ms = if carry { d.at_ms + 1 } else { d.at_ms };
-    Due { at_ms, key: DeliveryKey { seq, webhook: uuid::Uuid::from_bytes(webhook.to_be_bytes()) } }
+/// How the retry policy is configured.
+pub struct Policy<'a> {
+    /// `retry_schedule[i]` is the delay before retry `i + 1`.
+    pub retry_schedule: &'a [Duration],
+    /// Each delay is stretched by a random fraction of itself below this.
+    pub jitter: f64,
+    /// The most a receiver's `Retry-After` may push a retry back.
+    pub max_retry_after: Duration,
 }
 
-/// The retry policy. `attempts_before` counts attempts made before this one;
-/// `retry_schedule[i]` is the delay before retry `i + 1`, measured from the end
-/// of the failed attempt.
+/// The retry policy. `attempts_before` counts attempts of this round made
+/// before this one. A failed attempt is retried after its scheduled delay
+/// (measured from the end of the attempt, stretched by up to `jitter` times
+/// itself using `random` in `[0, 1)`) or after the receiver's `Retry-After`
+/// (capped), whichever is later; the number of attempts never changes.
 pub fn after_attempt(
     succeeded: bool,
     attempts_before: usize,
-    retry_schedule: &[Duration],
+    policy: &Policy,
+    retry_after: Option<Duration>,
     ended_at_ms: i64,
+    random: f64,
 ) -> (Status, Option<i64>) {
     if succeeded {
         return (Status::Succeeded, None);
     }
-    match retry_schedule.get(attempts_before) {
-        Some(delay) => (Status::Retrying, Some(ended_at_ms + delay.as_millis() as i64)),
+    match policy.retry_schedule.get(attempts_before) {
+        Some(delay) => {
+            let scheduled = delay.mul_f64(1.0 + policy.jitter * random);
+            let asked = retry_after.unwrap_or_default().min(policy.max_retry_after);
+            (Status::Retrying, Some(ended_at_ms + scheduled.max(asked).as_millis() as i64))
+        }
         None => (Status::Failed, None),
     }
 }
@@ -177,42 +300,139 @@ mod tests {
     use uuid::Uuid;
 
     fn due(at_ms: u64, seq: u64) -> Due {
-        Due { at_ms, key: DeliveryKey { seq, webhook: Uuid::from_bytes([1; 16]) } }
+        due_to(at_ms, seq, 1)
     }
 
-    /// A stand-in for the store's due index: a sorted set, read the same way.
+    fn due_to(at_ms: u64, seq: u64, webhook: u8) -> Due {
+        Due { at_ms, key: DeliveryKey { seq, webhook: Uuid::from_bytes([webhook; 16]) } }
+    }
+
+    /// A stand-in for the store's due index: a sorted set, read the way the
+    /// dispatcher reads the store.
     struct Index(BTreeSet<Due>);
 
     impl Index {
         fn serve(&self, q: &mut Queue, now: u64) {
             while let Some(r) = q.refill(now) {
-                let entries: Vec<Due> = self
-                    .0
-                    .range(r.from..)
-                    .take_while(|d| d.at_ms <= r.until_ms)
-                    .take(r.limit)
-                    .copied()
-                    .collect();
-                let next = self.0.range(Due::at(r.until_ms + 1)..).next().copied();
-                q.refilled(r, entries, next);
+                match r {
+                    Refill::Window { from, until_ms, limit } => {
+                        let entries: Vec<Due> = self
+                            .0
+                            .range(from..)
+                            .take_while(|d| d.at_ms <= until_ms)
+                            .take(limit)
+                            .copied()
+                            .collect();
+                        let next = self.0.range(Due::at(until_ms + 1)..).next().copied();
+                        q.refilled(r, entries, next);
+                    }
+                    Refill::Webhook { webhook, from, until, limit, .. } => {
+                        let entries: Vec<Due> = self
+                            .0
+                            .range(from..until)
+                            .filter(|d| d.key.webhook == webhook)
+                            .take(limit)
+                            .copied()
+                            .collect();
+                        let next = (entries.len() == limit).then(|| entries.last().unwrap().successor());
+                        q.refilled(r, entries, next);
+                    }
+                }
             }
+        }
+
+        /// An attempt finished: its entry leaves the index (no retry).
+        fn done(&mut self, q: &mut Queue, key: DeliveryKey) {
+            self.0.retain(|d| d.key != key);
+            q.finished(key, None);
         }
     }
 
+    const POLICY: Policy = Policy {
+        retry_schedule: &[Duration::from_millis(100), Duration::from_millis(200)],
+        jitter: 0.0,
+        max_retry_after: Duration::from_secs(3600),
+    };
+
     #[test]
     fn retry_policy_follows_the_schedule_then_fails() {
-        let s = [Duration::from_millis(100), Duration::from_millis(200)];
-        assert_eq!(after_attempt(false, 0, &s, 1000), (Status::Retrying, Some(1100)));
-        assert_eq!(after_attempt(false, 1, &s, 1000), (Status::Retrying, Some(1200)));
-        assert_eq!(after_attempt(false, 2, &s, 1000), (Status::Failed, None));
-        assert_eq!(after_attempt(true, 2, &s, 1000), (Status::Succeeded, None));
-        assert_eq!(after_attempt(false, 0, &[], 1000), (Status::Failed, None));
+        assert_eq!(after_attempt(false, 0, &POLICY, None, 1000, 0.5), (Status::Retrying, Some(1100)));
+        assert_eq!(after_attempt(false, 1, &POLICY, None, 1000, 0.5), (Status::Retrying, Some(1200)));
+        assert_eq!(after_attempt(false, 2, &POLICY, None, 1000, 0.5), (Status::Failed, None));
+        assert_eq!(after_attempt(true, 2, &POLICY, None, 1000, 0.5), (Status::Succeeded, None));
+        let none = Policy { retry_schedule: &[], ..POLICY };
+        assert_eq!(after_attempt(false, 0, &none, None, 1000, 0.5), (Status::Failed, None));
+    }
+
+    #[test]
+    fn retry_after_can_only_delay_and_is_capped() {
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(after_attempt(false, 0, &POLICY, secs(5), 1000, 0.0), (Status::Retrying, Some(6000)));
+        // Shorter than the schedule: the schedule wins.
+        let short = Some(Duration::from_millis(10));
+        assert_eq!(after_attempt(false, 0, &POLICY, short, 1000, 0.0), (Status::Retrying, Some(1100)));
+        let capped = Policy { max_retry_after: Duration::from_secs(2), ..POLICY };
+        assert_eq!(after_attempt(false, 0, &capped, secs(3600), 1000, 0.0), (Status::Retrying, Some(3000)));
+        // The last attempt stays the last, whatever the receiver asks.
+        assert_eq!(after_attempt(false, 2, &POLICY, secs(5), 1000, 0.0), (Status::Failed, None));
+    }
+
+    #[test]
+    fn jitter_only_stretches_within_its_fraction() {
+        let jittery = Policy { jitter: 0.5, ..POLICY };
+        assert_eq!(after_attempt(false, 0, &jittery, None, 0, 0.0), (Status::Retrying, Some(100)));
+        assert_eq!(after_attempt(false, 0, &jittery, None, 0, 0.999), (Status::Retrying, Some(149)));
+    }
+
+    #[test]
+    fn one_webhook_never_takes_more_than_its_share_of_attempts() {
+        // Webhook 1 has 10 due entries, webhook 2 has 3, all due at once.
+        let index =
+            Index((0..10).map(|i| due_to(5, i, 1)).chain((10..13).map(|i| due_to(6, i, 2))).collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100, 2);
+        index.serve(&mut q, 10);
+        let mut started = Vec::new();
+        while let Some(k) = q.pop_due(10) {
+            started.push(k.webhook.as_bytes()[0]);
+        }
+        assert_eq!(started, vec![1, 1, 2, 2], "two each, though webhook 1's entries are older");
+        // Webhook 1 finishing one lets its next held entry go.
+        let first = DeliveryKey { seq: 0, webhook: Uuid::from_bytes([1; 16]) };
+        q.finished(first, None);
+        assert_eq!(q.pop_due(10).map(|k| k.seq), Some(2));
+        assert_eq!(q.pop_due(10), None);
+    }
+
+    #[test]
+    fn a_dead_webhooks_backlog_spills_to_the_store_and_comes_back() {
+        let n = (HELD_MAX * 3) as u64;
+        let mut index = Index((0..n).map(|i| due_to(5, i, 1)).chain([due_to(7, n, 2)]).collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100_000, 1);
+        index.serve(&mut q, 10);
+        // Webhook 1 takes its one slot; its backlog is held up to HELD_MAX; webhook 2 still gets through.
+        let a = q.pop_due(10).unwrap();
+        let b = q.pop_due(10).unwrap();
+        assert_eq!((a.webhook.as_bytes()[0], b.webhook.as_bytes()[0]), (1, 2));
+        assert!(q.held[&a.webhook].set.len() <= HELD_MAX);
+        assert!(q.held[&a.webhook].spilled.is_some());
+        index.done(&mut q, b);
+        // The endpoint comes back: every entry is attempted exactly once.
+        let mut seen = HashSet::from([a]);
+        index.done(&mut q, a);
+        loop {
+            index.serve(&mut q, 10);
+            let Some(k) = q.pop_due(10) else { break };
+            assert!(seen.insert(k), "{k:?} twice");
+            index.done(&mut q, k);
+        }
+        assert_eq!(seen.len() as u64, n);
+        assert!(index.0.is_empty());
     }
 
     #[test]
     fn loads_only_the_window_and_wakes_for_the_rest() {
         let index = Index((0..10).map(|i| due(1_000 + i * 60_000, i)).collect());
-        let mut q = Queue::new(Duration::from_secs(30), 100);
+        let mut q = Queue::new(Duration::from_secs(30), 100, 1000);
         index.serve(&mut q, 1_000);
         assert_eq!(q.ready(), 1, "only the entry due now is in memory");
         assert_eq!(q.pop_due(1_000), Some(due(1_000, 0).key));
@@ -229,7 +449,7 @@ mod tests {
     #[test]
     fn memory_stays_bounded_under_a_backlog() {
         let index = Index((0..1000).map(|i| due(5, i)).collect());
-        let mut q = Queue::new(Duration::from_secs(30), 64);
+        let mut q = Queue::new(Duration::from_secs(30), 64, 1000);
         index.serve(&mut q, 10);
         assert!(q.ready() <= 64);
         let mut seen = HashSet::new();
@@ -257,7 +477,7 @@ mod tests {
 
     #[test]
     fn inserts_above_the_cursor_wait_in_the_store() {
-        let mut q = Queue::new(Duration::from_secs(30), 4);
+        let mut q = Queue::new(Duration::from_secs(30), 4, 1000);
         Index(BTreeSet::new()).serve(&mut q, 0);
         assert_eq!(q.next_wake(true), None, "nothing stored: no wake-ups at all");
         q.insert(due(10, 1));
@@ -276,7 +496,7 @@ mod tests {
     #[test]
     fn in_flight_entries_are_not_loaded_twice() {
         let mut index = Index([due(5, 1)].into_iter().collect());
-        let mut q = Queue::new(Duration::from_secs(30), 4);
+        let mut q = Queue::new(Duration::from_secs(30), 4, 1000);
         index.serve(&mut q, 5);
         let k = q.pop_due(5).unwrap();
         // A restart-like reload while the attempt is in flight.
@@ -292,7 +512,7 @@ mod tests {
     #[test]
     fn successor_carries() {
         let max = Due { at_ms: 1, key: DeliveryKey { seq: 2, webhook: Uuid::from_bytes([0xff; 16]) } };
-        assert_eq!(successor(max), Due { at_ms: 1, key: DeliveryKey { seq: 3, webhook: Uuid::nil() } });
-        assert!(successor(due(1, 1)) > due(1, 1));
+        assert_eq!(max.successor(), Due { at_ms: 1, key: DeliveryKey { seq: 3, webhook: Uuid::nil() } });
+        assert!(due(1, 1).successor() > due(1, 1));
     }
 }

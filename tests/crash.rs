@@ -12,8 +12,8 @@ use common::*;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 const W2: &str = "22222222-2222-4222-8222-222222222222";
-const ROUNDS: usize = 5;
-const PER_ROUND: usize = 150;
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 100;
 
 #[test]
 fn every_acknowledged_event_is_delivered_after_kill_9() {
@@ -53,12 +53,18 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
         })
         .collect();
 
+    let mut worst_restart = Duration::ZERO;
     for round in 1..=ROUNDS {
         let target = round * PER_ROUND;
         wait_for("events to be acknowledged", Duration::from_secs(60), || {
             acked.lock().unwrap().len() >= target
         });
-        d.restart(); // SIGKILL, then start again on the same storage
+        // A random moment within the next 200 ms, mid-ingest and mid-retry.
+        std::thread::sleep(Duration::from_millis((uuid::Uuid::new_v4().as_u128() % 200) as u64));
+        d.kill9();
+        let started = std::time::Instant::now();
+        d.start_again(); // returns once /healthz answers
+        worst_restart = worst_restart.max(started.elapsed());
     }
     wait_for("more events after the last restart", Duration::from_secs(60), || {
         acked.lock().unwrap().len() >= (ROUNDS + 1) * PER_ROUND
@@ -92,6 +98,21 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
     );
     let failures = rx.hits_on("/each/2/c1").iter().filter(|h| h.answered != 200).count();
     assert!(failures > 0, "retries were exercised");
+    let successes: Vec<_> = rx
+        .hits()
+        .into_iter()
+        .filter(|h| h.answered == 200)
+        .map(|h| (h.path.clone(), h.json()["event_id"].to_string()))
+        .collect();
+    let distinct: HashSet<_> = successes.iter().collect();
+    eprintln!(
+        "crash loop: {ROUNDS} kill -9 rounds, {} events acknowledged, {} deliveries of them expected (all made), {} distinct deliveries made (some of events stored but killed before their 202), {} duplicates, worst restart to healthy {} ms",
+        acked.len(),
+        acked.len() * 2,
+        distinct.len(),
+        successes.len() - distinct.len(),
+        worst_restart.as_millis()
+    );
     // And the daemon agrees: every acknowledged event is stored and shows
     // both deliveries succeeded.
     for id in &acked {

@@ -4,11 +4,11 @@
 //! numbering, the `event_id` uniqueness check and the read-modify-write of
 //! deliveries and webhook stats, all without locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::records::*;
@@ -39,33 +39,43 @@ pub enum Reply {
     Count(usize),
 }
 
+/// Called once the request's batch is on disk (or failed).
+pub type Callback = Box<dyn FnOnce(Result<Reply, StoreError>) + Send>;
+
 pub struct Request {
     pub op: Op,
-    pub reply: oneshot::Sender<Result<Reply, StoreError>>,
+    pub reply: Callback,
 }
 
 pub struct Committer {
     pub db: sled::Db,
     pub data_file: File,
     pub last_seq: u64,
+    /// The storage directory, to check its free space before each batch.
+    pub dir: PathBuf,
+    /// Ingest is refused below this many free bytes; other writes (attempt
+    /// outcomes, redelivery, pruning) below a quarter of it. sled must never
+    /// meet a full disk itself: after a failed write it stops answering.
+    pub min_free: u64,
+    /// Every webhook's stats, loaded on first use and written with each batch.
+    pub stats: HashMap<Uuid, WebhookStats>,
 }
 
 /// Writes of one batch, readable before they are applied so that later
 /// requests in the same batch see earlier ones.
 #[derive(Default)]
 struct Pending {
-    batch: sled::Batch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Webhooks whose stats changed in this batch.
+    stats: HashSet<Uuid>,
 }
 
 impl Pending {
     fn insert(&mut self, key: &[u8], value: Vec<u8>) {
-        self.batch.insert(key, value.clone());
         self.overlay.insert(key.to_vec(), Some(value));
     }
 
     fn remove(&mut self, key: &[u8]) {
-        self.batch.remove(key);
         self.overlay.insert(key.to_vec(), None);
     }
 
@@ -102,24 +112,48 @@ impl Committer {
     fn commit(&mut self, requests: Vec<Request>) {
         let mut p = Pending::default();
         let seq_before = self.last_seq;
-        let answers: Vec<_> = requests.into_iter().map(|r| (self.apply(&mut p, r.op), r.reply)).collect();
+        let free = free_bytes(&self.dir);
+        let answers: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                let needed = if matches!(r.op, Op::Ingest(_)) { self.min_free } else { self.min_free / 4 };
+                let answer = match free {
+                    Some(free) if free < needed => Err(StoreError::DiskFull { free, needed }),
+                    _ => self.apply(&mut p, r.op),
+                };
+                (answer, r.reply)
+            })
+            .collect();
+        let mut batch = sled::Batch::default();
+        for w in &p.stats {
+            batch.insert(&keys::stats(w)[..], codec::encode(&self.stats[w]));
+        }
+        for (k, v) in p.overlay {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
         let written = self
             .db
-            .apply_batch(p.batch)
+            .apply_batch(batch)
             .and_then(|_| self.db.flush())
             .map_err(StoreError::from)
             .and_then(|_| self.data_file.sync_data().map_err(StoreError::from));
         if let Err(e) = &written {
-            // Nothing of this batch is acknowledged; its sequence numbers may be reused.
+            // Nothing of this batch is acknowledged; its sequence numbers may
+            // be reused and its stats changes are forgotten.
             tracing::error!(error = %e, "storage write failed");
             self.last_seq = seq_before;
+            for w in &p.stats {
+                self.stats.remove(w);
+            }
         }
         for (answer, reply) in answers {
-            let answer = match &written {
+            reply(match &written {
                 Ok(_) => answer,
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            };
-            let _ = reply.send(answer);
+                Err(e) => Err(e.clone()),
+            });
         }
     }
 
@@ -310,12 +344,24 @@ impl Committer {
         webhook: &Uuid,
         change: impl FnOnce(&mut WebhookStats),
     ) -> Result<(), StoreError> {
-        let key = keys::stats(webhook);
-        let mut stats: WebhookStats = p.decode(&self.db, &key)?.unwrap_or_default();
-        change(&mut stats);
-        p.insert(&key, codec::encode(&stats));
+        if !self.stats.contains_key(webhook) {
+            let key = keys::stats(webhook);
+            let stored = self.db.get(key)?.map(|v| codec::decode(&key, &v)).transpose()?;
+            self.stats.insert(*webhook, stored.unwrap_or_default());
+        }
+        change(self.stats.get_mut(webhook).expect("just loaded"));
+        p.stats.insert(*webhook);
         Ok(())
     }
+}
+
+/// Free bytes for unprivileged writers on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Whether a repeated event_id carries the same event. `data` is compared as

@@ -23,10 +23,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use committer::{Committer, Op, Reply, Request};
+use committer::{Callback, Committer, Op, Reply, Request};
 pub use records::*;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("another nexor-webhookd is already using the storage directory {0}")]
     Locked(PathBuf),
@@ -36,8 +36,17 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("no delivery {0:?}")]
     UnknownDelivery(DeliveryKey),
+    #[error("the disk holding storage is nearly full ({free} bytes free, {needed} needed); free some space")]
+    DiskFull { free: u64, needed: u64 },
     #[error("storage is shut down")]
     Closed,
+}
+
+/// How to open the store.
+pub struct Options {
+    pub cache_capacity: u64,
+    /// Ingest is refused while the disk has less free space than this.
+    pub min_free_space: u64,
 }
 
 impl From<sled::Error> for StoreError {
@@ -86,16 +95,17 @@ pub struct Page {
 
 impl Store {
     /// Opens (or creates) the database under `path` and starts the committer.
-    pub fn open(path: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, options: &Options) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
-        let db =
-            sled::Config::new().path(path).cache_capacity(cache_capacity).open().map_err(|e| match e {
+        let db = sled::Config::new().path(path).cache_capacity(options.cache_capacity).open().map_err(
+            |e| match e {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Locked(path.to_owned())
                 }
                 e => StoreError::Unavailable(format!("cannot open {}: {e}", path.display())),
-            })?;
+            },
+        )?;
         // sled's flush uses sync_file_range, which neither empties the disk's
         // write cache nor persists the file size: fdatasync this file after it.
         let data_file = File::open(path.join("db"))?;
@@ -104,21 +114,35 @@ impl Store {
             None => 0,
         };
         let (requests, rx) = mpsc::channel();
-        let committer = Committer { db: db.clone(), data_file: data_file.try_clone()?, last_seq };
+        let committer = Committer {
+            db: db.clone(),
+            data_file: data_file.try_clone()?,
+            last_seq,
+            dir: path.to_owned(),
+            min_free: options.min_free_space,
+            stats: Default::default(),
+        };
         let committer = thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx))?;
         let inner = Inner { db, data_file, requests: Some(requests), committer: Some(committer) };
         Ok(Store { inner: Arc::new(inner) })
     }
 
-    fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<Reply, StoreError>>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let requests = self.inner.requests.as_ref().ok_or(StoreError::Closed)?;
-        requests.send(Request { op, reply }).map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+    /// Hands `op` to the committer; `reply` is always called, exactly once.
+    fn send(&self, op: Op, reply: Callback) {
+        let request = Request { op, reply };
+        let unsent = match &self.inner.requests {
+            Some(requests) => requests.send(request).err().map(|e| e.0),
+            None => Some(request),
+        };
+        if let Some(r) = unsent {
+            (r.reply)(Err(StoreError::Closed));
+        }
     }
 
     async fn call(&self, op: Op) -> Result<Reply, StoreError> {
-        self.send(op)?.await.map_err(|_| StoreError::Closed)?
+        let (tx, rx) = oneshot::channel();
+        self.send(op, Box::new(move |r| drop(tx.send(r))));
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an event and its deliveries; answers once they are on disk.
@@ -129,10 +153,10 @@ impl Store {
         }
     }
 
-    /// Records an attempt's outcome; blocks the calling (non-async) thread
-    /// until it is on disk.
-    pub fn record_blocking(&self, outcome: Outcome) -> Result<(), StoreError> {
-        self.send(Op::Record(outcome))?.blocking_recv().map_err(|_| StoreError::Closed)?.map(drop)
+    /// Records an attempt's outcome without waiting: `then` is called (on the
+    /// committer's thread, so it must be quick) once it is on disk or failed.
+    pub fn record_then(&self, outcome: Outcome, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        self.send(Op::Record(outcome), Box::new(move |r| then(r.map(drop))));
     }
 
     /// Queues the deliveries among `keys` whose status is in `from` for an
@@ -282,6 +306,30 @@ impl Store {
         Ok(n)
     }
 
+    /// Up to `limit` due-index entries of `webhook` in `from..until`, looking
+    /// at no more than `scan` entries; also where to go on from (`None` once
+    /// the range is exhausted).
+    pub fn scan_webhook_due(
+        &self,
+        webhook: Uuid,
+        from: Due,
+        until: Due,
+        limit: usize,
+        scan: usize,
+    ) -> Result<(Vec<Due>, Option<Due>), StoreError> {
+        let mut found = Vec::new();
+        for (examined, k) in self.inner.db.range(keys::due(from)..keys::due(until)).keys().enumerate() {
+            let d = keys::parse_due(&k?);
+            if d.key.webhook == webhook {
+                found.push(d);
+            }
+            if found.len() == limit || examined + 1 == scan {
+                return Ok((found, Some(d.successor())));
+            }
+        }
+        Ok((found, None))
+    }
+
     /// The first due-index entry at or after `from`.
     pub fn first_due_from(&self, from: Due) -> Result<Option<Due>, StoreError> {
         let start = keys::due(from).to_vec();
@@ -309,6 +357,8 @@ mod tests {
     use super::*;
     use crate::clock;
     use crate::event::EventType;
+
+    const OPTIONS: Options = Options { cache_capacity: 1 << 20, min_free_space: 0 };
 
     fn record(data: &str, ts: Option<i64>) -> EventRecord {
         EventRecord {
@@ -338,8 +388,9 @@ mod tests {
     }
 
     async fn record_outcome(store: &Store, o: Outcome) {
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.record_blocking(o)).await.unwrap().unwrap();
+        let (tx, rx) = oneshot::channel();
+        store.record_then(o, move |r| drop(tx.send(r)));
+        rx.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -347,8 +398,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
         {
-            let store = Store::open(dir.path(), 1 << 20).unwrap();
-            assert!(matches!(Store::open(dir.path(), 1 << 20), Err(StoreError::Locked(_))));
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            assert!(matches!(Store::open(dir.path(), &OPTIONS), Err(StoreError::Locked(_))));
             let Ingested::Accepted(first) = store.ingest(new(1, "{}", &webhooks)).await.unwrap() else {
                 panic!()
             };
@@ -371,7 +422,7 @@ mod tests {
             record_outcome(&store, o).await;
         }
         // Reopened: everything acknowledged is there, the due index moved.
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let seq = store.find_event(&Uuid::from_bytes([1; 16])).unwrap().unwrap();
         assert_eq!(store.deliveries(seq).unwrap().len(), 2);
         let due_now = store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap();
@@ -387,7 +438,7 @@ mod tests {
     #[tokio::test]
     async fn stats_listing_requeue_cancel_and_prune_stay_consistent() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let w = Uuid::from_bytes([9; 16]);
         let mut keys = Vec::new();
         for id in 1..=5 {

@@ -127,6 +127,15 @@ impl Due {
     pub fn at(at_ms: u64) -> Due {
         Due { at_ms, key: DeliveryKey { seq: 0, webhook: Uuid::nil() } }
     }
+
+    /// The smallest entry after this one in key order: a range bound.
+    pub fn successor(self) -> Due {
+        let w = u128::from_be_bytes(*self.key.webhook.as_bytes());
+        let (webhook, carry) = w.overflowing_add(1);
+        let (seq, carry) = if carry { self.key.seq.overflowing_add(1) } else { (self.key.seq, false) };
+        let at_ms = if carry { self.at_ms + 1 } else { self.at_ms };
+        Due { at_ms, key: DeliveryKey { seq, webhook: Uuid::from_bytes(webhook.to_be_bytes()) } }
+    }
 }
 
 /// The time (ms since the epoch) an event was stored, from its sequence number.

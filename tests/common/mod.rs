@@ -52,7 +52,9 @@ impl Hit {
 /// requests on that path then 200, `/each/N/…` 500 for the first N requests
 /// of each event_id on that path,
 /// `/hang/…` waits 5 s, `/slow/…` waits 300 ms then 200, `/redirect/…` 302
-/// to `/ok/redirected`.
+/// to `/ok/redirected`, `/code/N/…` answers N, `/retry-secs/N/…` 429 with
+/// `Retry-After: N`, `/retry-date/N/…` 503 with `Retry-After` N seconds
+/// ahead as an HTTP-date.
 #[derive(Clone)]
 pub struct Receiver {
     pub base: String,
@@ -100,7 +102,21 @@ async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: B
         *c
     };
     let mut parts = path.trim_start_matches('/').split('/');
+    let n_arg =
+        |parts: &mut std::str::Split<'_, char>| parts.next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
+    let retry_date;
+    let retry_secs;
     let (status, extra): (u16, Option<(&str, &str)>) = match parts.next() {
+        Some("code") => (n_arg(&mut parts) as u16, None),
+        Some("retry-secs") => {
+            retry_secs = n_arg(&mut parts).to_string();
+            (429, Some(("retry-after", retry_secs.as_str())))
+        }
+        Some("retry-date") => {
+            let at = std::time::SystemTime::now() + Duration::from_secs(n_arg(&mut parts));
+            retry_date = httpdate::fmt_http_date(at);
+            (503, Some(("retry-after", retry_date.as_str())))
+        }
         Some("fail") => (500, None),
         Some("flaky") => {
             let first_failures: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(1);

@@ -1,0 +1,219 @@
+//! Faults real installs meet: each kind of failing receiver, Retry-After,
+//! one hanging endpoint among healthy ones, a full disk.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn hook_id(i: usize) -> String {
+    format!("{i:08}-0000-4000-8000-000000000000")
+}
+
+fn attempts_of<'a>(event: &'a Value, webhook: &str) -> &'a Vec<Value> {
+    let d = event["deliveries"].as_array().unwrap().iter().find(|d| d["webhook_id"] == webhook).unwrap();
+    d["attempts"].as_array().unwrap()
+}
+
+/// `openssl s_server` with a fresh self-signed certificate, if openssl exists.
+fn self_signed_tls_server() -> Option<(Child, String, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    if !made.success() {
+        return None;
+    }
+    let port = free_port();
+    let server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-cert",
+            "cert.pem",
+            "-key",
+            "key.pem",
+            "-accept",
+            &port.to_string(),
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for("openssl s_server", SETTLE, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Some((server, format!("https://127.0.0.1:{port}/"), dir))
+}
+
+#[test]
+fn every_kind_of_failure_is_explained_and_retried_on_schedule() {
+    let rx = Receiver::start();
+    let tls = self_signed_tls_server();
+    let mut targets: Vec<(String, &str)> = vec![
+        (rx.url("/code/404/a"), "HTTP 404"),
+        (rx.url("/code/500/b"), "HTTP 500"),
+        (rx.url("/code/429/c"), "HTTP 429"),
+        (rx.url("/hang/d"), "timed out after 1s"),
+        (format!("http://127.0.0.1:{}/e", free_port()), "connection refused"),
+        ("http://nonexistent.invalid/f".to_owned(), "host not found"),
+    ];
+    match &tls {
+        Some((_, url, _)) => targets.push((url.clone(), "TLS error")),
+        None => eprintln!("skipped the TLS case: openssl is not installed"),
+    }
+    let hooks: String = targets
+        .iter()
+        .enumerate()
+        .map(|(i, (url, _))| webhook(&hook_id(i), CLIENT_A, url, r#"["*"]"#))
+        .collect();
+    let cfg = format!(
+        "[delivery]\ntimeout = \"1s\"\nretry_schedule = [\"200ms\"]\nallow_private_targets = true\n\n{hooks}"
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["failed"], SETTLE);
+    for (i, (url, reason)) in targets.iter().enumerate() {
+        let attempts = attempts_of(&ev, &hook_id(i));
+        assert_eq!(attempts.len(), 2, "{url}: one attempt and one retry: {attempts:?}");
+        for a in attempts {
+            let error = a["error"].as_str().unwrap();
+            assert!(error.starts_with(reason), "{url}: {error:?} should start with {reason:?}");
+        }
+        let gap = clock_ms(&attempts[1]["started_at"]) - clock_ms(&attempts[0]["started_at"]);
+        let first_took = attempts[0]["duration_ms"].as_i64().unwrap();
+        assert!(
+            gap >= 200 + first_took,
+            "{url}: retried {gap} ms after the start of an attempt that took {first_took} ms"
+        );
+    }
+    if let Some((mut server, _, _)) = tls {
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+}
+
+fn clock_ms(v: &Value) -> i64 {
+    let t = time::OffsetDateTime::parse(v.as_str().unwrap(), &time::format_description::well_known::Rfc3339)
+        .unwrap();
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[test]
+fn retry_after_is_honoured_in_seconds_and_as_a_date() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"100ms\"]\nallow_private_targets = true\n\n{}{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/retry-secs/2/x"), r#"["*"]"#),
+        webhook(&hook_id(2), CLIENT_A, &rx.url("/retry-date/3/y"), r#"["*"]"#),
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["failed"], SETTLE);
+    let gap = |w: &str| {
+        let a = attempts_of(&ev, w);
+        assert_eq!(a.len(), 2, "the number of attempts does not change");
+        clock_ms(&a[1]["started_at"]) - clock_ms(&a[0]["started_at"])
+    };
+    assert!(gap(&hook_id(1)) >= 2000, "Retry-After: 2 waited {} ms", gap(&hook_id(1)));
+    // An HTTP-date has whole seconds: 3 s ahead is at least 2 s later.
+    assert!(gap(&hook_id(2)) >= 2000, "Retry-After date waited {} ms", gap(&hook_id(2)));
+}
+
+#[test]
+fn a_hanging_endpoint_does_not_hold_up_a_healthy_one() {
+    let rx = Receiver::start();
+    let (hanging, healthy) = (hook_id(1), hook_id(2));
+    let cfg = format!(
+        "[delivery]\ntimeout = \"3s\"\nretry_schedule = []\nallow_private_targets = true\nworkers = 4\nper_webhook_in_flight = 2\n\n{}{}",
+        webhook(&hanging, CLIENT_A, &rx.url("/hang/iso"), r#"["*"]"#),
+        webhook(&healthy, CLIENT_A, &rx.url("/ok/iso"), r#"["*"]"#),
+    );
+    let d = Daemon::start("", &cfg);
+    let ids: Vec<String> = (0..40)
+        .map(|_| d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_for("every healthy delivery", SETTLE, || rx.hits_on("/ok/iso").len() == ids.len());
+    // All 40 arrived while the first hanging attempts were still waiting for
+    // their 3 s timeout: the hanging webhook held at most 2 of the 4 workers.
+    let first = d.event(&ids[0]);
+    assert!(attempts_of(&first, &hanging).is_empty(), "healthy deliveries waited behind the hanging ones");
+}
+
+#[test]
+fn a_full_disk_answers_503_and_recovers_by_itself() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(mnt.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs");
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_owned());
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/ok/disk"), r#"["*"]"#)
+    );
+    let d = Daemon::start("max_body = 4194304", &cfg);
+    // Point the storage at the tmpfs: restart the daemon there.
+    let mut d = d;
+    d.kill9();
+    let text = std::fs::read_to_string(d.config_path()).unwrap();
+    let data_line = text.lines().find(|l| l.starts_with("path = ")).unwrap().to_owned();
+    let on_tmpfs = format!("path = \"{}/data\"\nmin_free_space = 2097152", mnt.path().display());
+    std::fs::write(d.config_path(), text.replace(&data_line, &on_tmpfs)).unwrap();
+    d.start_again();
+    // Fill the rest of the disk with a ballast file we can delete later.
+    let ballast = mnt.path().join("ballast");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", ballast.display()))
+        .args(["bs=64k"])
+        .stderr(Stdio::null())
+        .status();
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(512 * 1024));
+    let mut saw_503 = false;
+    for _ in 0..40 {
+        let (status, body) = d.send("meeting.scheduled", CLIENT_A, &big);
+        assert!(status == 202 || status == 503, "{status} {body}");
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "storage_unavailable");
+            assert!(body["error"]["message"].as_str().unwrap().contains("nearly full"), "{body}");
+            saw_503 = true;
+            break;
+        }
+    }
+    assert!(saw_503, "a full disk must refuse writes");
+    assert_eq!(d.get("/healthz").0, 200, "the daemon stays up");
+    std::fs::remove_file(&ballast).unwrap();
+    let recovered = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        d.send("meeting.scheduled", CLIENT_A, "{}").0 == 202
+    });
+    assert!(recovered, "ingest did not recover once space returned:\n{}", d.log());
+    let (status, body) = d.send("meeting.scheduled", CLIENT_A, r#"{"after":"recovery"}"#);
+    assert_eq!(status, 202);
+    d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded"], SETTLE);
+}
