@@ -36,6 +36,9 @@ const STORE_RETRY_MS: u64 = 1_000;
 
 enum Msg {
     Scheduled(Vec<Due>),
+    /// The HTTP attempt is over; its outcome is on its way to disk.
+    Attempted(DeliveryKey),
+    /// The outcome is stored (or the delivery was skipped).
     Finished(DeliveryKey, Option<Due>),
 }
 
@@ -176,6 +179,7 @@ async fn run(
 fn handle(queue: &mut Queue, msg: Msg) {
     match msg {
         Msg::Scheduled(due) => due.into_iter().for_each(|d| queue.insert(d)),
+        Msg::Attempted(key) => queue.attempted(key),
         Msg::Finished(key, next) => queue.finished(key, next),
     }
 }
@@ -308,6 +312,7 @@ impl Worker {
                 (Some(attempt), status, next)
             }
         };
+        let _ = self.done.send(Msg::Attempted(key));
         // The worker moves on at once; the dispatcher hears of the attempt
         // only once its outcome is on disk, so the delivery stays in flight
         // (and is not handed out again) until then.

@@ -9,7 +9,9 @@
 //! `cursor` is in memory. So a backlog of a million deliveries waiting hours
 //! for a retry costs no memory until their time comes close.
 //!
-//! Isolation: at most `per_webhook` attempts of one webhook are in flight.
+//! Isolation: at most `per_webhook` attempts of one webhook are in flight
+//! (handed to a worker and not yet answered; waiting for the outcome to be
+//! stored does not count, it holds no worker).
 //! Due entries of a webhook at that limit are *held* aside (at most
 //! [`HELD_MAX`] per webhook; the rest stay in the store and are read back
 //! as the held ones drain), so a hanging or dead endpoint never takes the
@@ -49,7 +51,10 @@ struct Held {
 pub struct Queue {
     ready: BTreeSet<Due>,
     held: HashMap<Uuid, Held>,
+    /// Handed out and not yet finished (stored): never handed out twice.
     in_flight: HashSet<DeliveryKey>,
+    /// The part of `in_flight` whose HTTP attempt is not over, per webhook.
+    attempting: HashSet<DeliveryKey>,
     flying: HashMap<Uuid, usize>,
     per_webhook: usize,
     cursor: Due,
@@ -66,6 +71,7 @@ impl Queue {
             ready: BTreeSet::new(),
             held: HashMap::new(),
             in_flight: HashSet::new(),
+            attempting: HashSet::new(),
             flying: HashMap::new(),
             per_webhook: per_webhook.max(1),
             cursor: Due::at(0),
@@ -126,6 +132,7 @@ impl Queue {
             if *flying < self.per_webhook {
                 *flying += 1;
                 self.in_flight.insert(first.key);
+                self.attempting.insert(first.key);
                 return Some(first.key);
             }
             let held = self.held.entry(webhook).or_default();
@@ -137,15 +144,16 @@ impl Queue {
         }
     }
 
-    /// An attempt is over; `next` is its stored next due entry, if any. The
+    /// The HTTP attempt of `key` is over (its outcome is not stored yet): the
     /// webhook's earliest held entry, if any, becomes ready.
-    pub fn finished(&mut self, key: DeliveryKey, next: Option<Due>) {
-        if self.in_flight.remove(&key) {
-            if let Some(n) = self.flying.get_mut(&key.webhook) {
-                *n -= 1;
-                if *n == 0 {
-                    self.flying.remove(&key.webhook);
-                }
+    pub fn attempted(&mut self, key: DeliveryKey) {
+        if !self.attempting.remove(&key) {
+            return;
+        }
+        if let Some(n) = self.flying.get_mut(&key.webhook) {
+            *n -= 1;
+            if *n == 0 {
+                self.flying.remove(&key.webhook);
             }
         }
         if let Some(h) = self.held.get_mut(&key.webhook) {
@@ -156,6 +164,12 @@ impl Queue {
                 self.held.remove(&key.webhook);
             }
         }
+    }
+
+    /// `key` is over and stored; `next` is its stored next due entry, if any.
+    pub fn finished(&mut self, key: DeliveryKey, next: Option<Due>) {
+        self.attempted(key);
+        self.in_flight.remove(&key);
         if let Some(d) = next {
             self.insert(d);
         }
@@ -401,6 +415,22 @@ mod tests {
         q.finished(first, None);
         assert_eq!(q.pop_due(10).map(|k| k.seq), Some(2));
         assert_eq!(q.pop_due(10), None);
+    }
+
+    #[test]
+    fn waiting_for_the_disk_does_not_count_against_a_webhook() {
+        let index = Index((0..3).map(|i| due_to(5, i, 1)).collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100, 1);
+        index.serve(&mut q, 10);
+        let a = q.pop_due(10).unwrap();
+        assert_eq!(q.pop_due(10), None, "one attempt at a time");
+        q.attempted(a);
+        let b = q.pop_due(10).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(q.in_flight(), 2, "a is still in flight until stored");
+        q.finished(a, None);
+        q.finished(b, None);
+        assert_eq!(q.in_flight(), 0);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The single writer. It drains waiting requests, applies them as one atomic
-//! sled batch, flushes, `fdatasync`s sled's data file, and only then answers
-//! them all (group commit). Being the only writer, it also owns sequence
-//! numbering, the `event_id` uniqueness check and the read-modify-write of
-//! deliveries and webhook stats, all without locks.
+//! The single writer. It drains waiting requests and applies them as one
+//! atomic sled batch; a second thread, the syncer, flushes sled and
+//! `fdatasync`s its data file and only then answers every request applied
+//! before that flush began (group commit, pipelined: the next batch is built
+//! while the previous one syncs). Being the only writer, the committer also
+//! owns sequence numbering, the `event_id` uniqueness check and the
+//! read-modify-write of deliveries and webhook stats, all without locks.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -97,19 +99,41 @@ impl Pending {
 
 impl Committer {
     pub fn run(mut self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut requests = vec![first];
-            while requests.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => requests.push(r),
-                    Err(_) => break,
+        let (to_sync, applied) = mpsc::sync_channel(SYNC_QUEUE);
+        let (db, file) = (self.db.clone(), self.data_file.try_clone());
+        std::thread::scope(|scope| {
+            match file {
+                Ok(file) => {
+                    std::thread::Builder::new()
+                        .name("syncer".into())
+                        .spawn_scoped(scope, move || sync_loop(db, file, applied))
+                        .expect("spawn the syncer");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open the data file for syncing; every write will fail")
                 }
             }
-            self.commit(requests);
-        }
+            while let Ok(first) = rx.recv() {
+                let mut requests = vec![first];
+                while requests.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => requests.push(r),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(mpsc::SendError(answers)) = to_sync.send(self.commit(requests)) {
+                    for (_, reply) in answers {
+                        reply(Err(StoreError::Unavailable("the syncer is gone".into())));
+                    }
+                }
+            }
+            drop(to_sync);
+        });
     }
 
-    fn commit(&mut self, requests: Vec<Request>) {
+    /// Applies `requests` as one batch; returns their answers, to be given
+    /// once the batch is synced.
+    fn commit(&mut self, requests: Vec<Request>) -> Answers {
         let mut p = Pending::default();
         let seq_before = self.last_seq;
         let free = free_bytes(&self.dir);
@@ -134,27 +158,18 @@ impl Committer {
                 None => batch.remove(k),
             }
         }
-        let written = self
-            .db
-            .apply_batch(batch)
-            .and_then(|_| self.db.flush())
-            .map_err(StoreError::from)
-            .and_then(|_| self.data_file.sync_data().map_err(StoreError::from));
-        if let Err(e) = &written {
-            // Nothing of this batch is acknowledged; its sequence numbers may
-            // be reused and its stats changes are forgotten.
+        if let Err(e) = self.db.apply_batch(batch) {
+            // Nothing of this batch is applied or acknowledged; its sequence
+            // numbers may be reused and its stats changes are forgotten.
+            let e = StoreError::from(e);
             tracing::error!(error = %e, "storage write failed");
             self.last_seq = seq_before;
             for w in &p.stats {
                 self.stats.remove(w);
             }
+            return answers.into_iter().map(|(_, reply)| (Err(e.clone()), reply)).collect();
         }
-        for (answer, reply) in answers {
-            reply(match &written {
-                Ok(_) => answer,
-                Err(e) => Err(e.clone()),
-            });
-        }
+        answers
     }
 
     fn apply(&mut self, p: &mut Pending, op: Op) -> Result<Reply, StoreError> {
@@ -352,6 +367,35 @@ impl Committer {
         change(self.stats.get_mut(webhook).expect("just loaded"));
         p.stats.insert(*webhook);
         Ok(())
+    }
+}
+
+/// Answers of applied requests, waiting for their batch to be synced.
+type Answers = Vec<(Result<Reply, StoreError>, Callback)>;
+
+/// Applied batches waiting for the syncer before the committer waits too.
+const SYNC_QUEUE: usize = 16;
+
+/// Syncs and answers: every batch waiting when a sync begins is covered by it.
+/// A failed sync fails every request it covered (their data may still reach
+/// the disk with a later sync; a retried event_id then finds it as a duplicate).
+fn sync_loop(db: sled::Db, file: File, applied: mpsc::Receiver<Answers>) {
+    while let Ok(first) = applied.recv() {
+        let mut answers = first;
+        while let Ok(more) = applied.try_recv() {
+            answers.extend(more);
+        }
+        let synced =
+            db.flush().map_err(StoreError::from).and_then(|_| file.sync_data().map_err(StoreError::from));
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "storage sync failed");
+        }
+        for (answer, reply) in answers {
+            reply(match &synced {
+                Ok(_) => answer,
+                Err(e) => Err(e.clone()),
+            });
+        }
     }
 }
 

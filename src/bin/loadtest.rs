@@ -1,0 +1,1416 @@
+//! `loadtest`: measures the real `nexor-webhookd` binary the way it is used,
+//! over loopback HTTP, and prints a human summary followed by one JSON line.
+//!
+//! Each run makes a private temp directory, writes a config there and starts
+//! the daemon found next to this executable (`--daemon` overrides) as its own
+//! process. This process plays both other parts: a receiver (axum on its own
+//! two-thread runtime) that answers deliveries, and a load generator of plain
+//! threads, each with its own keep-alive ureq agent, that posts events to
+//! `/v1/events`. Every event carries its send time (nanoseconds since a
+//! process-local epoch) in `data.sent_ns`, so the receiver measures
+//! ingest→arrival latency from the same clock, and records each
+//! `(event_id, webhook_id)` it is handed, so every acknowledged event can be
+//! checked to have arrived exactly once per webhook. Daemon CPU time and
+//! memory come from `/proc/PID`, disk use from the storage directory after a
+//! clean stop. Scenarios: `throughput` (also measures the raw loopback POST
+//! ceiling of the same clients first, so the figure means something on the
+//! machine at hand), `latency` (paced load), `fanout` (many webhooks per
+//! event), `backlog` (deliveries piling up behind a receiver that is down,
+//! a restart, then the drain once it is back and they are recovered) and `isolation` (healthy webhooks next to hanging ones,
+//! against a run without the hanging ones). Everything is bounded: fixed
+//! counts or durations, and waiting for deliveries ends after `--stall`
+//! without a new arrival.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Size of each event's `data` object, about what a real Nexor event carries.
+const DATA_BYTES: usize = 700;
+/// How long the daemon gets to become healthy; opening a large store takes time.
+const START_LIMIT: Duration = Duration::from_secs(120);
+/// How long the daemon gets to exit on SIGTERM before it is killed: more than
+/// its default grace periods (10 s for open requests, then 10 s for attempts).
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+/// How long a `/hang/` request is held: far beyond any delivery timeout used
+/// here, so the daemon always gives up first.
+const HANG_HOLD: Duration = Duration::from_secs(60);
+/// Per-phase timeout of the load clients: generous, so a slow daemon shows up
+/// as latency rather than as errors.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    about = "Benchmark nexor-webhookd on loopback: starts the daemon, a receiver and a load generator"
+)]
+struct Args {
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Events to post [default: throughput 100000, fanout 2000, backlog 200000]
+    #[arg(long)]
+    events: Option<u64>,
+    /// Events per second of paced load [default: latency 1000, isolation 20]
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds of paced load [default: latency 20, isolation 10]
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Concurrent client threads [default: 64, or 16 for paced load]
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Webhooks [default: fanout 100, isolation 4 (half of them hang)]
+    #[arg(long)]
+    webhooks: Option<usize>,
+    /// The daemon's `[delivery] workers`
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// Seconds spent measuring the raw loopback POST ceiling (throughput)
+    #[arg(long, default_value_t = 5)]
+    ceiling_seconds: u64,
+    /// Stop waiting for deliveries after this long without a new arrival
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    stall: Duration,
+    /// The daemon binary [default: nexor-webhookd next to this executable]
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
+    /// Keep the temp directory (configs, storage, daemon logs) afterwards
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Scenario {
+    Throughput,
+    Latency,
+    Fanout,
+    Backlog,
+    Isolation,
+}
+
+fn scenario_name(s: Scenario) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(report) => {
+            report.print();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<Report> {
+    let bench = Bench::new(args)?;
+    let mut report = Report::new(args, &bench);
+    let result = match args.scenario {
+        Scenario::Throughput => throughput(&bench, &mut report),
+        Scenario::Latency => latency(&bench, &mut report),
+        Scenario::Fanout => fanout(&bench, &mut report),
+        Scenario::Backlog => backlog(&bench, &mut report),
+        Scenario::Isolation => isolation(&bench, &mut report),
+    };
+    if let Err(e) = result {
+        bench.work.keep();
+        return Err(e.context(format!(
+            "{} failed; configs and daemon logs kept in {}",
+            scenario_name(args.scenario),
+            bench.work.path.display()
+        )));
+    }
+    if args.keep {
+        bench.work.keep();
+        report.say(format!("files kept in {}", bench.work.path.display()));
+    }
+    Ok(report)
+}
+
+// ---------------------------------------------------------------- scenarios
+
+/// Delivery settings for receivers that answer at once: retries come soon, so
+/// a transient failure shows up as latency instead of a lost event.
+const PROMPT: DeliverySettings = DeliverySettings { timeout: "10s", retry_schedule: &["1s", "5s"] };
+
+fn throughput(b: &Bench, r: &mut Report) -> Result<()> {
+    let events = b.args.events.unwrap_or(100_000);
+    let clients = b.clients(64);
+
+    // Measured first, with no daemon running, so the ceiling is what these
+    // clients and this receiver manage on this machine with both cores free.
+    let secs = b.args.ceiling_seconds;
+    eprintln!("ceiling: {clients} clients posting straight to the receiver for {secs} s");
+    let ceiling =
+        generate(&b.receiver.url("/raw"), clients, Plan::For(Duration::from_secs(secs)), &b.body, 200);
+    let ceiling_per_s = per_s(ceiling.answered, ceiling.end_ns - ceiling.start_ns);
+    r.set("ceiling_per_s", round(ceiling_per_s, 1));
+    r.say(format!(
+        "raw loopback POST ceiling: {ceiling_per_s:.0}/s ({clients} clients, {secs} s, same body, no daemon){}",
+        failures_note(&ceiling.failed)
+    ));
+    b.receiver.take();
+
+    let hooks = b.hooks(&[(Mode::Ok, 1)]);
+    let mut d = b.daemon("throughput", &hooks, &PROMPT)?;
+    let run = measure(b, &d, Plan::Count(events), clients, &hooks)?;
+    report_run(r, "", "through the daemon, as fast as it acknowledges", &run);
+    finish(&mut d, r, "", run.acked)?;
+    let ratio = run.acked_per_s() / ceiling_per_s;
+    let delivered_ratio = run.delivered_per_s() / ceiling_per_s;
+    r.set("ratio", round(ratio, 3));
+    r.set("delivered_ratio", round(delivered_ratio, 3));
+    r.say(format!("against the ceiling: acknowledged {ratio:.3}, delivered {delivered_ratio:.3}"));
+    Ok(())
+}
+
+fn latency(b: &Bench, r: &mut Report) -> Result<()> {
+    let plan = b.paced(1000, 20);
+    let hooks = b.hooks(&[(Mode::Ok, 1)]);
+    let mut d = b.daemon("latency", &hooks, &PROMPT)?;
+    let run = measure(b, &d, plan, b.clients(16), &hooks)?;
+    report_run(r, "", "paced load, one webhook", &run);
+    finish(&mut d, r, "", run.acked)
+}
+
+fn fanout(b: &Bench, r: &mut Report) -> Result<()> {
+    let events = b.args.events.unwrap_or(2_000);
+    let hooks = b.hooks(&[(Mode::Ok, b.args.webhooks.unwrap_or(100))]);
+    let mut d = b.daemon("fanout", &hooks, &PROMPT)?;
+    let run = measure(b, &d, Plan::Count(events), b.clients(64), &hooks)?;
+    report_run(r, "", &format!("{} webhooks per event, as fast as possible", hooks.len()), &run);
+    finish(&mut d, r, "", run.acked)
+}
+
+fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
+    let events = b.args.events.unwrap_or(200_000);
+    // With no retries every delivery is `failed` after its one 503: stored,
+    // kept, and what `recover` sends again once the receiver is back.
+    let hooks = b.hooks(&[(Mode::Down, 1)]);
+    let settings = DeliverySettings { timeout: "10s", retry_schedule: &[] };
+    let since = rfc3339_now()?;
+    let mut d = b.daemon("backlog", &hooks, &settings)?;
+    let run = measure(b, &d, Plan::Count(events), b.clients(64), &hooks)?;
+    report_run(r, "", "receiver answering 503, no retries", &run);
+    r.say(format!(
+        "backlog: {} deliveries failed and wait to be recovered ({} of {} acknowledged events not attempted)",
+        run.refused,
+        run.acked.saturating_sub(run.refused),
+        run.acked
+    ));
+    finish(&mut d, r, "", run.acked)?;
+
+    eprintln!("restarting the daemon on the backlog");
+    let took = d.launch()?;
+    // Give the dispatcher a moment to load whatever it loads on start.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = d.proc()?;
+    r.set("restart_ms", round(ms(took), 1));
+    r.set("restart_rss_mb", round(mb(after.rss_bytes), 1));
+    r.say(format!(
+        "restart: healthy {:.0} ms after spawn, RSS {:.1} MB one second later",
+        ms(took),
+        mb(after.rss_bytes)
+    ));
+    let early = b.receiver.take();
+    r.set("arrivals_after_restart", early.arrivals());
+    if early.arrivals() > 0 {
+        r.warn(format!("{} deliveries arrived after the restart, before any recover call", early.arrivals()));
+    }
+
+    b.receiver.bring_up();
+    let url = format!("{}/v1/webhooks/{}/recover?since={since}", d.base, hooks[0].id);
+    eprintln!("receiver up; recovering the failed deliveries");
+    let before = d.proc()?;
+    let start = now_ns();
+    let answer = post_json(&url)?;
+    let call_ms = (now_ns() - start) as f64 / 1e6;
+    let requeued = answer["requeued"].as_u64().unwrap_or(0);
+    let complete = b.receiver.wait(run.refused, b.args.stall);
+    let cpu = d.proc()?.cpu.since(before.cpu);
+    let peak = d.proc()?.peak_rss_bytes;
+    let tally = b.receiver.take();
+    let drained = tally.delivered.len() as u64;
+    let drain_ns = tally.last_ns.saturating_sub(start);
+    r.set("requeued", requeued);
+    r.set("recover_call_ms", round(call_ms, 1));
+    r.set("drained", drained);
+    r.set("drain_s", round(drain_ns as f64 / 1e9, 2));
+    r.set("drain_per_s", round(per_s(drained, drain_ns), 1));
+    r.set("drain_duplicates", tally.duplicates);
+    r.set("drain_cpu_s", round(cpu.total(), 2));
+    r.set("drain_peak_rss_mb", round(mb(peak), 1));
+    r.say(format!(
+        "drain: recover requeued {requeued} in {call_ms:.0} ms; {drained} of {} delivered {:.2} s after the call = {:.0}/s; {} duplicates; daemon {:.2} s CPU, peak RSS {:.1} MB",
+        run.refused,
+        drain_ns as f64 / 1e9,
+        per_s(drained, drain_ns),
+        tally.duplicates,
+        cpu.total(),
+        mb(peak)
+    ));
+    if !complete || drained < run.refused {
+        r.warn(format!("drain: {} recovered deliveries never arrived", run.refused.saturating_sub(drained)));
+    }
+    finish(&mut d, r, "restarted_", run.acked)
+}
+
+fn isolation(b: &Bench, r: &mut Report) -> Result<()> {
+    let plan = b.paced(20, 10);
+    let clients = b.clients(16);
+    let n = b.args.webhooks.unwrap_or(4).max(2);
+    let (healthy, hanging) = (n - n / 2, n / 2);
+    // One short timeout for both runs, so the only difference between them is
+    // whether the hanging webhooks exist; retries out of reach keep each
+    // hanging delivery to one attempt.
+    let settings = DeliverySettings { timeout: "2s", retry_schedule: &["1h"] };
+
+    let hooks = b.hooks(&[(Mode::Ok, healthy)]);
+    let mut d = b.daemon("isolation-baseline", &hooks, &settings)?;
+    let base = measure(b, &d, plan, clients, &hooks)?;
+    report_run(r, "baseline_", &format!("baseline: {healthy} healthy webhooks alone"), &base);
+    finish(&mut d, r, "baseline_", base.acked)?;
+
+    let hooks = b.hooks(&[(Mode::Ok, healthy), (Mode::Hang, hanging)]);
+    let mut d = b.daemon("isolation", &hooks, &settings)?;
+    let run = measure(b, &d, plan, clients, &hooks)?;
+    report_run(
+        r,
+        "",
+        &format!("{healthy} healthy webhooks next to {hanging} that hang past the 2 s timeout"),
+        &run,
+    );
+    finish(&mut d, r, "", run.acked)?;
+    let ratio = run.arrival.p99 / base.arrival.p99;
+    r.set("p99_ratio", round(ratio, 2));
+    r.say(format!(
+        "healthy p99 with hanging neighbours / without: {:.1} ms / {:.1} ms = {ratio:.1}x",
+        run.arrival.p99, base.arrival.p99
+    ));
+    Ok(())
+}
+
+// ----------------------------------------------------- one load, one daemon
+
+/// What one load against one daemon produced, as every scenario reports it.
+struct Run {
+    posted: u64,
+    clients: usize,
+    acked: u64,
+    failed: BTreeMap<String, u64>,
+    /// From the first send to the last acknowledgement.
+    acked_ns: u64,
+    max_lag_ms: f64,
+    /// Acknowledged events × healthy webhooks.
+    expected: u64,
+    /// Distinct (event, webhook) pairs of acknowledged events answered 200.
+    delivered: u64,
+    duplicates: u64,
+    unacked_delivered: u64,
+    unreadable: u64,
+    refused: u64,
+    hung: u64,
+    /// From the first send to the last 200 or 503.
+    delivered_ns: u64,
+    ack: Dist,
+    arrival: Dist,
+    /// Daemon CPU over the run, in all and by thread group.
+    cpu: Cpu,
+    threads_cpu: Vec<(String, Cpu)>,
+    /// This process's CPU (clients and receiver) over the same time.
+    bench_cpu: Cpu,
+    wall_s: f64,
+    proc: ProcStats,
+    /// Whether every expected arrival came before the stall limit.
+    complete: bool,
+}
+
+impl Run {
+    fn acked_per_s(&self) -> f64 {
+        per_s(self.acked, self.acked_ns)
+    }
+    fn delivered_per_s(&self) -> f64 {
+        per_s(self.delivered, self.delivered_ns)
+    }
+}
+
+/// Posts `plan` to the daemon, waits until every webhook has had its
+/// attempt of every acknowledged event (or arrivals stall), and tallies.
+fn measure(b: &Bench, d: &Daemon, plan: Plan, clients: usize, hooks: &[Hook]) -> Result<Run> {
+    let per_event = |m: Mode| hooks.iter().filter(|h| h.mode == m).count() as u64;
+    let before = d.proc()?;
+    let bench_before = proc_stats(std::process::id())?.cpu;
+    eprintln!("{}: {clients} clients posting {plan}", d.name);
+    let load = generate(&d.events_url(), clients, plan, &b.body, 202);
+    let acked = load.acked.len() as u64;
+    let want = acked * hooks.len() as u64;
+    eprintln!("{}: {acked} acknowledged; waiting for {want} deliveries", d.name);
+    let complete = b.receiver.wait(want, b.args.stall);
+    let after = d.proc()?;
+    let bench_cpu = proc_stats(std::process::id())?.cpu.since(bench_before);
+    let tally = b.receiver.take();
+
+    let acked_ids: HashSet<Uuid> = load.acked.iter().copied().collect();
+    let delivered = tally.delivered.iter().filter(|(event, _)| acked_ids.contains(event)).count() as u64;
+    let end_ns = tally.last_ns.max(load.end_ns);
+    Ok(Run {
+        posted: plan.count().unwrap_or(load.answered),
+        clients,
+        acked,
+        failed: load.failed,
+        acked_ns: load.end_ns - load.start_ns,
+        max_lag_ms: load.max_lag_us as f64 / 1000.0,
+        expected: acked * per_event(Mode::Ok),
+        delivered,
+        duplicates: tally.duplicates,
+        unacked_delivered: tally.delivered.len() as u64 - delivered,
+        unreadable: tally.unreadable,
+        refused: tally.refused,
+        hung: tally.hung,
+        delivered_ns: tally.last_ns.saturating_sub(load.start_ns),
+        ack: Dist::of(load.latency_us),
+        arrival: Dist::of(tally.latency_us),
+        cpu: after.cpu.since(before.cpu),
+        threads_cpu: after.threads_since(&before),
+        bench_cpu,
+        wall_s: (end_ns - load.start_ns) as f64 / 1e9,
+        proc: after,
+        complete,
+    })
+}
+
+/// Adds a run's figures to the report, keys prefixed with `p`.
+fn report_run(r: &mut Report, p: &str, title: &str, run: &Run) {
+    let k = |name: &str| format!("{p}{name}");
+    // Names the run in warnings when a scenario has more than one.
+    let who = if p.is_empty() { String::new() } else { format!("{}: ", p.trim_end_matches('_')) };
+    r.say(format!("{title}:"));
+    r.set(&k("events"), run.posted);
+    r.set(&k("acked"), run.acked);
+    r.set(&k("acked_per_s"), round(run.acked_per_s(), 1));
+    r.set(&k("failed_posts"), run.failed.values().sum::<u64>());
+    r.say(format!(
+        "  acknowledged: {} of {} events in {:.2} s = {:.0}/s ({} clients){}",
+        run.acked,
+        run.posted,
+        run.acked_ns as f64 / 1e9,
+        run.acked_per_s(),
+        run.clients,
+        failures_note(&run.failed)
+    ));
+    if run.max_lag_ms > 0.0 {
+        r.set(&k("max_lag_ms"), round(run.max_lag_ms, 3));
+        r.say(format!("  pacing: sends started at most {:.1} ms behind schedule", run.max_lag_ms));
+    }
+    r.dist(&k("ack_"), "  202 latency", &run.ack);
+
+    if run.expected > 0 {
+        let missing = run.expected.saturating_sub(run.delivered);
+        r.set(&k("delivered"), run.delivered);
+        r.set(&k("delivered_per_s"), round(run.delivered_per_s(), 1));
+        r.set(&k("missing"), missing);
+        r.set(&k("duplicates"), run.duplicates);
+        r.say(format!(
+            "  delivered: {} of {} (event, webhook) pairs, {:.0}/s from first send to last arrival; {} missing, {} duplicates",
+            run.delivered, run.expected, run.delivered_per_s(), missing, run.duplicates
+        ));
+        r.dist(p, "  ingest→arrival", &run.arrival);
+        if missing > 0 {
+            r.warn(format!("{who}{missing} deliveries of acknowledged events never arrived"));
+        }
+        if run.duplicates > 0 {
+            r.warn(format!("{who}{} deliveries arrived more than once", run.duplicates));
+        }
+    }
+    for (what, n) in [
+        ("refused", run.refused),
+        ("hung", run.hung),
+        ("unacked_delivered", run.unacked_delivered),
+        ("unreadable", run.unreadable),
+    ] {
+        if n > 0 {
+            r.set(&k(what), n);
+            r.say(format!("  {}: {n}", what.replace('_', " ")));
+        }
+    }
+    if !run.complete {
+        r.warn(format!(
+            "{who}arrivals stalled for {} before all expected deliveries came",
+            humantime::format_duration(r.stall)
+        ));
+    }
+    let pct = |c: Cpu| 100.0 * c.total() / run.wall_s;
+    r.set(&k("cpu_s"), round(run.cpu.total(), 2));
+    r.set(&k("cpu_user_s"), round(run.cpu.user, 2));
+    r.set(&k("cpu_sys_s"), round(run.cpu.sys, 2));
+    r.set(&k("cpu_pct"), round(pct(run.cpu), 1));
+    r.set(&k("bench_cpu_pct"), round(pct(run.bench_cpu), 1));
+    r.set(&k("rss_mb"), round(mb(run.proc.rss_bytes), 1));
+    r.set(&k("peak_rss_mb"), round(mb(run.proc.peak_rss_bytes), 1));
+    r.say(format!(
+        "  daemon: {:.2} s CPU ({:.2} user, {:.2} kernel) over {:.2} s = {:.0}% of one core; RSS {:.1} MB, peak {:.1} MB; {} threads",
+        run.cpu.total(),
+        run.cpu.user,
+        run.cpu.sys,
+        run.wall_s,
+        pct(run.cpu),
+        mb(run.proc.rss_bytes),
+        mb(run.proc.peak_rss_bytes),
+        run.proc.threads
+    ));
+    let busiest: Vec<(String, Cpu)> =
+        run.threads_cpu.iter().filter(|(_, c)| c.total() >= 0.01).cloned().collect();
+    r.set(
+        &k("cpu_by_thread"),
+        busiest
+            .iter()
+            .map(|(name, c)| (name.clone(), Value::from(round(c.total(), 2))))
+            .collect::<serde_json::Map<_, _>>(),
+    );
+    let listed: Vec<String> = busiest
+        .iter()
+        .take(6)
+        .map(|(name, c)| format!("{name} {:.2} s ({:.0}% kernel)", c.total(), 100.0 * c.sys / c.total()))
+        .collect();
+    r.say(format!("  daemon CPU by thread: {}", listed.join(", ")));
+    r.say(format!("  load generator and receiver (this process): {:.0}% of one core", pct(run.bench_cpu)));
+}
+
+/// Stops the daemon and reports what is only known once it is down: how the
+/// stop went, what it left on disk and what it logged.
+fn finish(d: &mut Daemon, r: &mut Report, p: &str, events: u64) -> Result<()> {
+    let stopped = d.stop()?;
+    let disk = disk_usage(&d.storage())?;
+    let k = |name: &str| format!("{p}{name}");
+    r.set(&k("stop_ms"), round(ms(stopped.took), 1));
+    r.set(&k("disk_bytes"), disk);
+    r.set(&k("disk_bytes_per_event"), round(disk as f64 / events.max(1) as f64, 1));
+    r.say(format!(
+        "  stop: {} after {:.0} ms; storage {:.1} MB on disk = {:.0} bytes/event",
+        stopped.status,
+        ms(stopped.took),
+        mb(disk),
+        disk as f64 / events.max(1) as f64
+    ));
+    if !stopped.status.success() || stopped.killed {
+        r.warn(format!(
+            "{}: SIGTERM ended in {}{}; log: {}",
+            d.name,
+            stopped.status,
+            if stopped.killed { " (killed after the stop limit)" } else { "" },
+            d.log().display()
+        ));
+    }
+    let log = std::fs::read_to_string(d.log()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    r.set(&k("log_lines"), lines.len());
+    if let Some(first) = lines.first() {
+        r.warn(format!(
+            "{}: {} warning/error lines in {}, first: {first}",
+            d.name,
+            lines.len(),
+            d.log().display()
+        ));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------- setup
+
+/// What every scenario shares: the daemon binary, the temp directory, the
+/// receiver and the event body.
+struct Bench<'a> {
+    args: &'a Args,
+    bin: PathBuf,
+    work: WorkDir,
+    receiver: Receiver,
+    body: Body,
+    client_id: Uuid,
+}
+
+impl<'a> Bench<'a> {
+    fn new(args: &'a Args) -> Result<Bench<'a>> {
+        let bin = match &args.daemon {
+            Some(path) => path.clone(),
+            None => {
+                std::env::current_exe().context("locating this executable")?.with_file_name("nexor-webhookd")
+            }
+        };
+        if !bin.is_file() {
+            bail!(
+                "daemon binary {} not found: run `cargo build --release` first (or pass --daemon PATH)",
+                bin.display()
+            );
+        }
+        let client_id = Uuid::new_v4();
+        Ok(Bench {
+            args,
+            bin,
+            work: WorkDir::create()?,
+            receiver: Receiver::start()?,
+            body: Body::new(client_id),
+            client_id,
+        })
+    }
+
+    fn clients(&self, default: usize) -> usize {
+        self.args.clients.unwrap_or(default).max(1)
+    }
+
+    fn paced(&self, rate: u64, seconds: u64) -> Plan {
+        let rate = self.args.rate.unwrap_or(rate).max(1);
+        let n = rate * self.args.seconds.unwrap_or(seconds);
+        Plan::Paced { rate, n }
+    }
+
+    /// Webhooks of this bench's client, `count` of each receiver behaviour,
+    /// each on its own path.
+    fn hooks(&self, modes: &[(Mode, usize)]) -> Vec<Hook> {
+        modes
+            .iter()
+            .flat_map(|&(mode, count)| {
+                (0..count).map(move |i| Hook {
+                    id: Uuid::new_v4(),
+                    mode,
+                    url: self.receiver.url(&format!("/{}/{i}", mode.segment())),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a config into a fresh subdirectory and starts a daemon on it.
+    fn daemon(&self, name: &str, hooks: &[Hook], delivery: &DeliverySettings) -> Result<Daemon> {
+        let dir = self.work.path.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // A JSON string is a valid TOML basic string.
+        let quote = |s: &str| Value::from(s).to_string();
+        let mut config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\npath = \"data\"\n\n\
+             [delivery]\ntimeout = {}\nretry_schedule = [{}]\nallow_private_targets = true\nworkers = {}\n",
+            quote(delivery.timeout),
+            delivery.retry_schedule.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "),
+            self.args.workers,
+        );
+        for h in hooks {
+            config.push_str(&format!(
+                "\n[[webhooks]]\nid = \"{}\"\nclient_id = \"{}\"\nurl = {}\nsecret = \"whsec_loadtest_{}\"\nevents = [\"*\"]\n",
+                h.id,
+                self.client_id,
+                quote(&h.url),
+                h.id.simple()
+            ));
+        }
+        // Owner-only, as the daemon expects of a file holding secrets.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("config.toml"))
+            .and_then(|mut f| f.write_all(config.as_bytes()))
+            .context("writing the config")?;
+        let mut d = Daemon {
+            name: name.to_owned(),
+            bin: self.bin.clone(),
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            child: None,
+        };
+        let took = d.launch()?;
+        eprintln!("{name}: daemon healthy after {:.0} ms", ms(took));
+        Ok(d)
+    }
+}
+
+struct DeliverySettings {
+    timeout: &'static str,
+    retry_schedule: &'static [&'static str],
+}
+
+struct Hook {
+    id: Uuid,
+    mode: Mode,
+    url: String,
+}
+
+/// A directory of our own under the system temp dir, removed on drop unless
+/// kept (for `--keep`, and after a failure so the logs can be read).
+struct WorkDir {
+    path: PathBuf,
+    keep: std::cell::Cell<bool>,
+}
+
+impl WorkDir {
+    fn create() -> Result<WorkDir> {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let path = std::env::temp_dir().join(format!("nexor-loadtest-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(WorkDir { path, keep: false.into() })
+    }
+
+    fn keep(&self) {
+        self.keep.set(true);
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep.get() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ daemon
+
+/// The daemon as a child process, on its own config directory.
+struct Daemon {
+    name: String,
+    bin: PathBuf,
+    dir: PathBuf,
+    base: String,
+    child: Option<Child>,
+}
+
+struct Stopped {
+    took: Duration,
+    status: ExitStatus,
+    killed: bool,
+}
+
+impl Daemon {
+    fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn events_url(&self) -> String {
+        format!("{}/v1/events", self.base)
+    }
+
+    /// Spawns the process and waits for `/healthz`; returns how long that took.
+    fn launch(&mut self) -> Result<Duration> {
+        let log = OpenOptions::new().create(true).append(true).open(self.log())?;
+        let started = Instant::now();
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            // The daemon logs each attempt at info level; at these rates
+            // that would measure logging, and bury warnings in the log.
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let child = self.child.insert(child);
+        let agent = client_agent(Duration::from_secs(2));
+        let health = format!("{}/healthz", self.base);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!(
+                    "{}: daemon exited with {status} while starting; log: {}",
+                    self.name,
+                    self.log().display()
+                );
+            }
+            if let Ok(resp) = agent.get(&health).call() {
+                if resp.status() == 200 {
+                    return Ok(started.elapsed());
+                }
+            }
+            if started.elapsed() > START_LIMIT {
+                bail!(
+                    "{}: daemon not healthy after {START_LIMIT:?}; log: {}",
+                    self.name,
+                    self.log().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn proc(&self) -> Result<ProcStats> {
+        let child = self.child.as_ref().context("daemon not running")?;
+        proc_stats(child.id())
+    }
+
+    /// SIGTERM, then wait; killed if it outlasts [`STOP_LIMIT`].
+    fn stop(&mut self) -> Result<Stopped> {
+        let mut child = self.child.take().context("daemon not running")?;
+        let t = Instant::now();
+        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Stopped { took: t.elapsed(), status, killed: false });
+            }
+            if t.elapsed() > STOP_LIMIT {
+                child.kill()?;
+                return Ok(Stopped { took: t.elapsed(), status: child.wait()?, killed: true });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct ProcStats {
+    cpu: Cpu,
+    /// CPU time per group of like-named threads (`deliver-*`, `tokio-rt-worker`, …).
+    threads_cpu: BTreeMap<String, Cpu>,
+    rss_bytes: u64,
+    peak_rss_bytes: u64,
+    threads: u64,
+}
+
+/// CPU seconds spent in user space and in the kernel.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.sys
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu { user: self.user - before.user, sys: self.sys - before.sys }
+    }
+}
+
+impl ProcStats {
+    /// The CPU each thread group used since `before`, busiest first.
+    fn threads_since(&self, before: &ProcStats) -> Vec<(String, Cpu)> {
+        let mut used: Vec<(String, Cpu)> = self
+            .threads_cpu
+            .iter()
+            .map(|(name, cpu)| {
+                let was = before.threads_cpu.get(name).copied().unwrap_or_default();
+                (name.clone(), cpu.since(was))
+            })
+            .collect();
+        used.sort_by(|a, b| b.1.total().total_cmp(&a.1.total()));
+        used
+    }
+}
+
+fn proc_stats(pid: u32) -> Result<ProcStats> {
+    let (_, cpu) = stat_cpu(&format!("/proc/{pid}/stat"))?;
+    let mut threads_cpu = BTreeMap::<String, Cpu>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended between listing and reading has nothing to add.
+        let Ok((name, c)) = stat_cpu(&format!("{}/stat", task?.path().display())) else {
+            continue;
+        };
+        let group = name.trim_end_matches(|ch: char| ch.is_ascii_digit() || ch == '-');
+        let sum = threads_cpu.entry(group.to_owned()).or_default();
+        (sum.user, sum.sys) = (sum.user + c.user, sum.sys + c.sys);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcStats {
+        cpu,
+        threads_cpu,
+        rss_bytes: field("VmRSS:") * 1024,
+        peak_rss_bytes: field("VmHWM:") * 1024,
+        threads: field("Threads:"),
+    })
+}
+
+/// The command name and CPU time from a `/proc/…/stat` file.
+fn stat_cpu(path: &str) -> Result<(String, Cpu)> {
+    let stat = std::fs::read_to_string(path)?;
+    // The name may hold spaces and parentheses, so it is cut at the last ')';
+    // fields are counted after it, where field 3 (state) is index 0.
+    let (head, rest) = stat.rsplit_once(')').context("malformed /proc stat")?;
+    let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let secs = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()? as f64 / hz)
+    };
+    Ok((name, Cpu { user: secs(11)?, sys: secs(12)? }))
+}
+
+/// Bytes allocated on disk under `dir` (not apparent sizes: sled's files can
+/// be sparse or preallocated).
+fn disk_usage(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() { disk_usage(&entry.path())? } else { meta.blocks() * 512 };
+    }
+    Ok(total)
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// How the receiver answers, by a path's first segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// `/ok/…`: 200 at once; the delivery is checked and timed.
+    Ok,
+    /// `/down/…`: 503 at once until [`Receiver::bring_up`], then as `/ok/`.
+    Down,
+    /// `/hang/…`: no answer within any delivery timeout.
+    Hang,
+    /// `/raw`: 200 without reading the body; the ceiling measurement.
+    Raw,
+}
+
+impl Mode {
+    fn segment(self) -> &'static str {
+        match self {
+            Mode::Ok => "ok",
+            Mode::Down => "down",
+            Mode::Hang => "hang",
+            Mode::Raw => "raw",
+        }
+    }
+}
+
+/// What the receiver has seen since the last [`Receiver::take`].
+#[derive(Default)]
+struct Tally {
+    /// (event_id, webhook_id) of every `/ok/` delivery.
+    delivered: HashSet<(Uuid, Uuid)>,
+    duplicates: u64,
+    /// Ingest→arrival of every `/ok/` delivery, microseconds.
+    latency_us: Vec<u64>,
+    refused: u64,
+    hung: u64,
+    raw: u64,
+    /// Requests on unknown paths or `/ok/` bodies that are not our envelope.
+    unreadable: u64,
+    /// When the last delivery answered 200 or 503 arrived.
+    last_ns: u64,
+}
+
+impl Tally {
+    fn arrivals(&self) -> u64 {
+        self.delivered.len() as u64 + self.duplicates + self.refused + self.hung + self.raw + self.unreadable
+    }
+
+    /// Counts one request and says how to answer it.
+    fn record(&mut self, mode: Option<Mode>, body: &[u8]) -> StatusCode {
+        let at = now_ns();
+        match mode {
+            Some(Mode::Ok) => match serde_json::from_slice::<Envelope>(body) {
+                Ok(e) => {
+                    if self.delivered.insert((e.event_id, e.webhook_id)) {
+                        self.latency_us.push(at.saturating_sub(e.data.sent_ns) / 1000);
+                    } else {
+                        self.duplicates += 1;
+                    }
+                    self.last_ns = at;
+                    StatusCode::OK
+                }
+                Err(_) => {
+                    self.unreadable += 1;
+                    StatusCode::BAD_REQUEST
+                }
+            },
+            Some(Mode::Down) => {
+                self.refused += 1;
+                self.last_ns = at;
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Some(Mode::Hang) => {
+                self.hung += 1;
+                StatusCode::OK
+            }
+            Some(Mode::Raw) => {
+                self.raw += 1;
+                StatusCode::OK
+            }
+            None => {
+                self.unreadable += 1;
+                StatusCode::NOT_FOUND
+            }
+        }
+    }
+}
+
+/// The receiver, on a small runtime of its own so it gets threads however
+/// busy the load generator is.
+struct Receiver {
+    base: String,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// The receiver's state, shared with its handler.
+#[derive(Default)]
+struct Shared {
+    tally: Mutex<Tally>,
+    /// Whether `/down/` paths are back up.
+    up: AtomicBool,
+}
+
+impl Receiver {
+    fn start() -> Result<Receiver> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("receiver")
+            .enable_all()
+            .build()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let shared = Arc::new(Shared::default());
+        let app = axum::Router::new().fallback(receive).with_state(shared.clone());
+        runtime.spawn(async move {
+            let served = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => axum::serve(l, app).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
+                eprintln!("loadtest: receiver stopped: {e}");
+            }
+        });
+        Ok(Receiver { base, shared, runtime: Some(runtime) })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Returns what was seen so far and starts counting afresh.
+    fn take(&self) -> Tally {
+        std::mem::take(&mut *self.shared.tally.lock().unwrap())
+    }
+
+    /// From now on `/down/` paths answer as `/ok/` ones do.
+    fn bring_up(&self) {
+        self.shared.up.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until `want` arrivals have been seen, or until none has come for
+    /// `stall`; says which.
+    fn wait(&self, want: u64, stall: Duration) -> bool {
+        let (mut last, mut since, mut said) = (u64::MAX, Instant::now(), Instant::now());
+        loop {
+            let n = self.shared.tally.lock().unwrap().arrivals();
+            if n >= want {
+                return true;
+            }
+            if n != last {
+                (last, since) = (n, Instant::now());
+            }
+            if since.elapsed() >= stall {
+                return false;
+            }
+            if said.elapsed() >= Duration::from_secs(5) {
+                eprintln!("  {n} of {want} deliveries arrived");
+                said = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Held `/hang/` requests would otherwise keep the runtime's drop waiting.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    event_id: Uuid,
+    webhook_id: Uuid,
+    data: SentAt,
+}
+
+#[derive(Deserialize)]
+struct SentAt {
+    sent_ns: u64,
+}
+
+async fn receive(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> StatusCode {
+    let segment = uri.path().trim_start_matches('/').split('/').next();
+    let mode =
+        [Mode::Ok, Mode::Down, Mode::Hang, Mode::Raw].into_iter().find(|m| Some(m.segment()) == segment);
+    let mode = match mode {
+        Some(Mode::Down) if shared.up.load(Ordering::Relaxed) => Some(Mode::Ok),
+        m => m,
+    };
+    let status = shared.tally.lock().unwrap().record(mode, &body);
+    if mode == Some(Mode::Hang) {
+        tokio::time::sleep(HANG_HOLD).await;
+    }
+    status
+}
+
+// ---------------------------------------------------------- load generator
+
+#[derive(Clone, Copy)]
+enum Plan {
+    /// This many requests, as fast as the clients go.
+    Count(u64),
+    /// `n` requests, request `i` due `i / rate` seconds after the start: a
+    /// schedule, so a slow answer does not push every later send back.
+    Paced { rate: u64, n: u64 },
+    /// As many requests as the clients manage in this time.
+    For(Duration),
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Plan::Count(n) => write!(f, "{n} events as fast as possible"),
+            Plan::Paced { rate, n } => write!(f, "{n} events at {rate}/s"),
+            Plan::For(d) => write!(f, "for {}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+impl Plan {
+    fn count(self) -> Option<u64> {
+        match self {
+            Plan::Count(n) | Plan::Paced { n, .. } => Some(n),
+            Plan::For(_) => None,
+        }
+    }
+}
+
+/// The ingest request, with the send time spliced in at the last moment.
+struct Body {
+    head: String,
+    tail: String,
+}
+
+impl Body {
+    fn new(client_id: Uuid) -> Body {
+        let head =
+            format!(r#"{{"event_type":"meeting.scheduled","client_id":"{client_id}","data":{{"sent_ns":"#);
+        // Sized with a 13-digit time in mind; the exact figure hardly matters.
+        let pad = DATA_BYTES.saturating_sub(r#"{"sent_ns":1234567890123,"pad":""}"#.len());
+        let tail = format!(r#","pad":"{}"}}}}"#, "x".repeat(pad));
+        Body { head, tail }
+    }
+
+    fn render(&self, sent_ns: u64) -> String {
+        format!("{}{sent_ns}{}", self.head, self.tail)
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Load {
+    /// Event ids from the 202 answers.
+    acked: Vec<Uuid>,
+    /// Requests answered with the expected status.
+    answered: u64,
+    /// Other statuses and transport errors, by kind.
+    failed: BTreeMap<String, u64>,
+    /// Of the answered requests, microseconds.
+    latency_us: Vec<u64>,
+    start_ns: u64,
+    /// When the last expected answer came.
+    end_ns: u64,
+    max_lag_us: u64,
+}
+
+impl Load {
+    fn merge(&mut self, other: Load) {
+        self.acked.extend(other.acked);
+        self.answered += other.answered;
+        for (k, n) in other.failed {
+            *self.failed.entry(k).or_default() += n;
+        }
+        self.latency_us.extend(other.latency_us);
+        self.end_ns = self.end_ns.max(other.end_ns);
+        self.max_lag_us = self.max_lag_us.max(other.max_lag_us);
+    }
+}
+
+#[derive(Deserialize)]
+struct Ack {
+    event_id: Uuid,
+}
+
+/// Runs `plan` against `url` from `clients` threads and merges what they saw.
+fn generate(url: &str, clients: usize, plan: Plan, body: &Body, expect: u16) -> Load {
+    let next = AtomicU64::new(0);
+    let start_ns = now_ns();
+    let parts: Vec<Load> = std::thread::scope(|s| {
+        let threads: Vec<_> =
+            (0..clients).map(|_| s.spawn(|| client(url, plan, body, expect, start_ns, &next))).collect();
+        threads.into_iter().map(|t| t.join().expect("client thread panicked")).collect()
+    });
+    let mut load = Load { start_ns, end_ns: start_ns, ..Load::default() };
+    parts.into_iter().for_each(|p| load.merge(p));
+    load
+}
+
+fn client(url: &str, plan: Plan, body: &Body, expect: u16, start_ns: u64, next: &AtomicU64) -> Load {
+    let agent = client_agent(CLIENT_TIMEOUT);
+    let mut seen = Load::default();
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        match plan {
+            Plan::Count(n) | Plan::Paced { n, .. } if i >= n => break,
+            Plan::For(d) if now_ns() - start_ns >= d.as_nanos() as u64 => break,
+            Plan::Paced { rate, .. } => {
+                let due = start_ns + (i as u128 * 1_000_000_000 / rate as u128) as u64;
+                let now = now_ns();
+                if due > now {
+                    std::thread::sleep(Duration::from_nanos(due - now));
+                }
+                seen.max_lag_us = seen.max_lag_us.max(now_ns().saturating_sub(due) / 1000);
+            }
+            _ => {}
+        }
+        let sent = now_ns();
+        let result = agent.post(url).header("content-type", "application/json").send(body.render(sent));
+        let kind = match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let answer = resp.body_mut().read_to_vec().unwrap_or_default();
+                if status == expect {
+                    let done = now_ns();
+                    seen.answered += 1;
+                    seen.latency_us.push((done - sent) / 1000);
+                    seen.end_ns = done;
+                    if let Ok(ack) = serde_json::from_slice::<Ack>(&answer) {
+                        seen.acked.push(ack.event_id);
+                    }
+                    continue;
+                }
+                format!("HTTP {status}")
+            }
+            Err(e) => e.to_string(),
+        };
+        *seen.failed.entry(kind).or_default() += 1;
+    }
+    seen
+}
+
+/// POSTs an empty body and returns the JSON answer; anything but 2xx is an error.
+fn post_json(url: &str) -> Result<Value> {
+    // A control call that may work through the whole store before answering.
+    let mut resp = client_agent(Duration::from_secs(600)).post(url).send_empty()?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    if !(200..300).contains(&status) {
+        bail!("POST {url}: HTTP {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Now, as RFC 3339 UTC.
+fn rfc3339_now() -> Result<String> {
+    Ok(time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?)
+}
+
+/// A keep-alive agent with per-phase timeouts: ureq 3.5 resolves on a fresh
+/// thread per request when a global timeout is set, which would measure
+/// thread creation rather than the daemon.
+fn client_agent(timeout: Duration) -> ureq::Agent {
+    let t = Some(timeout);
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_connect(t)
+        .timeout_send_request(t)
+        .timeout_send_body(t)
+        .timeout_recv_response(t)
+        .timeout_recv_body(t)
+        .build()
+        .new_agent()
+}
+
+// ----------------------------------------------------------------- figures
+
+/// Nanoseconds since a process-wide epoch: the one clock both the load
+/// generator and the receiver read, so their difference is a latency.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A latency distribution in milliseconds.
+#[derive(Clone, Copy, Default)]
+struct Dist {
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Dist {
+    fn of(mut us: Vec<u64>) -> Dist {
+        if us.is_empty() {
+            return Dist::default();
+        }
+        us.sort_unstable();
+        // Nearest rank: the smallest sample with at least p of all at or below it.
+        let at = |p: f64| {
+            let rank = (p * us.len() as f64).ceil() as usize;
+            us[rank.clamp(1, us.len()) - 1] as f64 / 1000.0
+        };
+        Dist { n: us.len(), p50: at(0.50), p99: at(0.99), max: at(1.0) }
+    }
+}
+
+fn per_s(count: u64, ns: u64) -> f64 {
+    if ns == 0 {
+        0.0
+    } else {
+        count as f64 * 1e9 / ns as f64
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn failures_note(failed: &BTreeMap<String, u64>) -> String {
+    if failed.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = failed.iter().map(|(k, n)| format!("{n}× {k}")).collect();
+    format!("; failed: {}", list.join(", "))
+}
+
+/// The human summary and the JSON figures, filled in side by side.
+struct Report {
+    fields: Vec<(String, Value)>,
+    lines: Vec<String>,
+    warnings: Vec<String>,
+    stall: Duration,
+}
+
+impl Report {
+    fn new(args: &Args, bench: &Bench) -> Report {
+        let scenario = scenario_name(args.scenario);
+        let commit = git(&bench.bin, &["rev-parse", "--short", "HEAD"]);
+        let dirty =
+            git(&bench.bin, &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let mut r = Report { fields: Vec::new(), lines: Vec::new(), warnings: Vec::new(), stall: args.stall };
+        r.set("scenario", scenario.clone());
+        r.set("commit", commit.clone());
+        r.set("dirty", dirty);
+        r.set("cores", cores);
+        r.set("workers", args.workers);
+        r.say(format!(
+            "nexor-webhookd loadtest: {scenario} (commit {}{}, {cores} cores, {} delivery workers)",
+            commit.as_deref().unwrap_or("unknown"),
+            if dirty == Some(true) { "+changes" } else { "" },
+            args.workers
+        ));
+        if cfg!(debug_assertions) {
+            r.warn("loadtest is a debug build; build with --release for figures that mean anything");
+        }
+        r
+    }
+
+    fn set(&mut self, key: &str, value: impl Into<Value>) {
+        self.fields.push((key.to_owned(), value.into()));
+    }
+
+    fn say(&mut self, line: impl Into<String>) {
+        self.lines.push(line.into());
+    }
+
+    fn warn(&mut self, w: impl Into<String>) {
+        self.warnings.push(w.into());
+    }
+
+    /// Reports a distribution as `{prefix}p50_ms` and so on.
+    fn dist(&mut self, prefix: &str, label: &str, d: &Dist) {
+        self.set(&format!("{prefix}p50_ms"), round(d.p50, 3));
+        self.set(&format!("{prefix}p99_ms"), round(d.p99, 3));
+        self.set(&format!("{prefix}max_ms"), round(d.max, 3));
+        self.say(format!(
+            "{label}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+            d.p50, d.p99, d.max, d.n
+        ));
+    }
+
+    fn print(mut self) {
+        for line in &self.lines {
+            println!("{line}");
+        }
+        for w in &self.warnings {
+            println!("WARNING: {w}");
+        }
+        let warnings = std::mem::take(&mut self.warnings);
+        self.set("warnings", warnings);
+        let fields: Vec<String> =
+            self.fields.iter().map(|(k, v)| format!("{}:{v}", Value::from(k.as_str()))).collect();
+        println!("{{{}}}", fields.join(","));
+    }
+}
+
+/// Runs git in the directory holding the daemon binary, which finds the
+/// checkout it was built from wherever this is run.
+fn git(bin: &Path, args: &[&str]) -> Option<String> {
+    let out =
+        Command::new("git").arg("-C").arg(bin.parent()?).args(args).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
