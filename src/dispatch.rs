@@ -88,7 +88,7 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
     // deliveries than workers are in flight: some waiting for a worker, some
     // for their outcome to be stored.
     let max_in_flight = n * IN_FLIGHT_PER_WORKER;
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeliveryKey>(max_in_flight);
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Due>(max_in_flight);
     let workers = (0..n)
         .map(|i| {
             let mut w = Worker {
@@ -102,8 +102,8 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
             thread::Builder::new()
                 .name(format!("deliver-{i}"))
                 .spawn(move || {
-                    for key in jobs {
-                        w.attempt(key);
+                    for due in jobs {
+                        w.attempt(due);
                     }
                 })
                 .expect("spawn delivery worker")
@@ -134,7 +134,7 @@ impl Engine {
 async fn run(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    jobs: crossbeam_channel::Sender<DeliveryKey>,
+    jobs: crossbeam_channel::Sender<Due>,
     max_in_flight: usize,
     per_webhook: usize,
     shutdown: Arc<Notify>,
@@ -150,9 +150,9 @@ async fn run(
             }
         }
         while queue.in_flight() < max_in_flight {
-            let Some(key) = queue.pop_due(now) else { break };
-            // Never blocks: the channel holds as many keys as may be in flight.
-            if jobs.try_send(key).is_err() {
+            let Some(due) = queue.pop_due(now) else { break };
+            // Never blocks: the channel holds as many entries as may be in flight.
+            if jobs.try_send(due).is_err() {
                 return;
             }
         }
@@ -215,13 +215,17 @@ impl Worker {
 
     /// Makes one attempt of `key` (or cancels it) and records the outcome;
     /// the dispatcher hears of it once it is stored.
-    fn attempt(&mut self, key: DeliveryKey) {
+    fn attempt(&mut self, due: Due) {
+        let key = due.key;
         let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
             (e, d) => {
+                // Written by another version, or damaged: keep it, but out of
+                // the due index, so it is not tried (and logged) forever.
                 self.metrics.undecodable();
-                tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, "cannot load a due delivery; skipping it until restart");
-                let _ = self.done.send(Msg::Finished(key, None));
+                tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, webhook_id = %key.webhook, "cannot load a due delivery; setting it aside");
+                let done = self.done.clone();
+                self.store.set_aside(due, move |_| drop(done.send(Msg::Finished(key, None))));
                 return;
             }
         };

@@ -40,6 +40,7 @@ pub struct Snapshot {
     pub scheduled_later: u64,
     pub oldest_due_age_seconds: f64,
     pub storage_bytes: u64,
+    pub set_aside: u64,
     /// Per configured webhook: id, consecutive failures, last success (unix seconds).
     pub webhooks: Vec<(Uuid, u32, Option<f64>)>,
 }
@@ -59,6 +60,7 @@ struct Inner {
     scheduled_later: Gauge,
     oldest_due_age: Gauge<f64, AtomicU64>,
     storage_bytes: Gauge,
+    set_aside: Gauge,
     consecutive_failures: Family<WebhookLabel, Gauge>,
     last_success: Family<WebhookLabel, Gauge<f64, AtomicU64>>,
     undecodable: Counter,
@@ -76,6 +78,7 @@ impl Metrics {
             scheduled_later: Gauge::default(),
             oldest_due_age: Gauge::default(),
             storage_bytes: Gauge::default(),
+            set_aside: Gauge::default(),
             consecutive_failures: Family::default(),
             last_success: Family::default(),
             undecodable: Counter::default(),
@@ -111,6 +114,11 @@ impl Metrics {
             inner.last_success.clone(),
         );
         registry.register(
+            "deliveries_set_aside",
+            "Deliveries taken out of the due index because their records could not be read",
+            inner.set_aside.clone(),
+        );
+        registry.register(
             "undecodable_records",
             "Stored records this build could not decode (skipped)",
             inner.undecodable.clone(),
@@ -138,6 +146,7 @@ impl Metrics {
         i.scheduled_later.set(s.scheduled_later as i64);
         i.oldest_due_age.set(s.oldest_due_age_seconds);
         i.storage_bytes.set(s.storage_bytes as i64);
+        i.set_aside.set(s.set_aside as i64);
         i.consecutive_failures.clear();
         i.last_success.clear();
         for (id, failures, last_success) in s.webhooks {

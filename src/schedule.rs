@@ -120,7 +120,7 @@ impl Queue {
 
     /// The next delivery due at `now_ms` whose webhook may take another
     /// attempt, now counted as in flight.
-    pub fn pop_due(&mut self, now_ms: u64) -> Option<DeliveryKey> {
+    pub fn pop_due(&mut self, now_ms: u64) -> Option<Due> {
         loop {
             let first = *self.ready.first()?;
             if first.at_ms > now_ms {
@@ -133,7 +133,7 @@ impl Queue {
                 *flying += 1;
                 self.in_flight.insert(first.key);
                 self.attempting.insert(first.key);
-                return Some(first.key);
+                return Some(first);
             }
             let held = self.held.entry(webhook).or_default();
             held.set.insert(first);
@@ -182,6 +182,11 @@ impl Queue {
     #[cfg(test)]
     fn ready(&self) -> usize {
         self.ready.len()
+    }
+
+    #[cfg(test)]
+    fn pop_key(&mut self, now_ms: u64) -> Option<DeliveryKey> {
+        self.pop_due(now_ms).map(|d| d.key)
     }
 
     /// What to read from the store now, if anything: a webhook whose held
@@ -406,15 +411,15 @@ mod tests {
         let mut q = Queue::new(Duration::from_secs(30), 100, 2);
         index.serve(&mut q, 10);
         let mut started = Vec::new();
-        while let Some(k) = q.pop_due(10) {
+        while let Some(k) = q.pop_key(10) {
             started.push(k.webhook.as_bytes()[0]);
         }
         assert_eq!(started, vec![1, 1, 2, 2], "two each, though webhook 1's entries are older");
         // Webhook 1 finishing one lets its next held entry go.
         let first = DeliveryKey { seq: 0, webhook: Uuid::from_bytes([1; 16]) };
         q.finished(first, None);
-        assert_eq!(q.pop_due(10).map(|k| k.seq), Some(2));
-        assert_eq!(q.pop_due(10), None);
+        assert_eq!(q.pop_key(10).map(|k| k.seq), Some(2));
+        assert_eq!(q.pop_key(10), None);
     }
 
     #[test]
@@ -422,10 +427,10 @@ mod tests {
         let index = Index((0..3).map(|i| due_to(5, i, 1)).collect());
         let mut q = Queue::new(Duration::from_secs(30), 100, 1);
         index.serve(&mut q, 10);
-        let a = q.pop_due(10).unwrap();
-        assert_eq!(q.pop_due(10), None, "one attempt at a time");
+        let a = q.pop_key(10).unwrap();
+        assert_eq!(q.pop_key(10), None, "one attempt at a time");
         q.attempted(a);
-        let b = q.pop_due(10).unwrap();
+        let b = q.pop_key(10).unwrap();
         assert_ne!(a, b);
         assert_eq!(q.in_flight(), 2, "a is still in flight until stored");
         q.finished(a, None);
@@ -440,8 +445,8 @@ mod tests {
         let mut q = Queue::new(Duration::from_secs(30), 100_000, 1);
         index.serve(&mut q, 10);
         // Webhook 1 takes its one slot; its backlog is held up to HELD_MAX; webhook 2 still gets through.
-        let a = q.pop_due(10).unwrap();
-        let b = q.pop_due(10).unwrap();
+        let a = q.pop_key(10).unwrap();
+        let b = q.pop_key(10).unwrap();
         assert_eq!((a.webhook.as_bytes()[0], b.webhook.as_bytes()[0]), (1, 2));
         assert!(q.held[&a.webhook].set.len() <= HELD_MAX);
         assert!(q.held[&a.webhook].spilled.is_some());
@@ -451,7 +456,7 @@ mod tests {
         index.done(&mut q, a);
         loop {
             index.serve(&mut q, 10);
-            let Some(k) = q.pop_due(10) else { break };
+            let Some(k) = q.pop_key(10) else { break };
             assert!(seen.insert(k), "{k:?} twice");
             index.done(&mut q, k);
         }
@@ -465,15 +470,15 @@ mod tests {
         let mut q = Queue::new(Duration::from_secs(30), 100, 1000);
         index.serve(&mut q, 1_000);
         assert_eq!(q.ready(), 1, "only the entry due now is in memory");
-        assert_eq!(q.pop_due(1_000), Some(due(1_000, 0).key));
-        assert_eq!(q.pop_due(1_000), None);
+        assert_eq!(q.pop_key(1_000), Some(due(1_000, 0).key));
+        assert_eq!(q.pop_key(1_000), None);
         // Next wake is when the next entry (61_000) comes within half a window.
         assert_eq!(q.next_wake(true), Some(61_000 - 15_000));
         index.serve(&mut q, 46_000);
         assert_eq!(q.ready(), 1);
         assert_eq!(q.next_wake(true), Some(61_000));
-        assert_eq!(q.pop_due(60_999), None);
-        assert_eq!(q.pop_due(61_000), Some(due(61_000, 1).key));
+        assert_eq!(q.pop_key(60_999), None);
+        assert_eq!(q.pop_key(61_000), Some(due(61_000, 1).key));
     }
 
     #[test]
@@ -488,7 +493,7 @@ mod tests {
         loop {
             index.serve(&mut q, 10);
             while q.in_flight() < 8 {
-                match q.pop_due(10) {
+                match q.pop_key(10) {
                     Some(k) => flying.push(k),
                     None => break,
                 }
@@ -528,15 +533,15 @@ mod tests {
         let mut index = Index([due(5, 1)].into_iter().collect());
         let mut q = Queue::new(Duration::from_secs(30), 4, 1000);
         index.serve(&mut q, 5);
-        let k = q.pop_due(5).unwrap();
+        let k = q.pop_key(5).unwrap();
         // A restart-like reload while the attempt is in flight.
         q.cursor = Due::at(0);
         q.beyond = Some(0);
         index.serve(&mut q, 5);
-        assert_eq!(q.pop_due(5), None);
+        assert_eq!(q.pop_key(5), None);
         index.0.clear();
         q.finished(k, Some(due(7, 1)));
-        assert_eq!(q.pop_due(7), Some(k));
+        assert_eq!(q.pop_key(7), Some(k));
     }
 
     #[test]

@@ -217,3 +217,42 @@ fn a_full_disk_answers_503_and_recovers_by_itself() {
     assert_eq!(status, 202);
     d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded"], SETTLE);
 }
+
+#[test]
+fn an_unreadable_record_is_set_aside_not_a_crash_loop() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\"]\nallow_private_targets = true\n\n{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/flaky/3/aside"), r#"["*"]"#)
+    );
+    let mut d = Daemon::start("", &cfg);
+    let first = d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned();
+    let second = d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned();
+    wait_for("both to be retrying", SETTLE, || {
+        [&first, &second].iter().all(|id| d.event(id)["deliveries"][0]["status"] == "retrying")
+    });
+    d.kill9();
+    // Damage the first event's delivery record the way a future version's
+    // record would look to this build: an unknown format version.
+    {
+        let db = sled::open(d.dir.path().join("data")).unwrap();
+        let (key, _) = db.scan_prefix(b"D").next().unwrap().unwrap();
+        db.insert(key, vec![99u8, 1, 2, 3]).unwrap();
+        db.flush().unwrap();
+    }
+    d.start_again();
+    d.wait_settled(&second, &["succeeded"], SETTLE);
+    let metrics =
+        || ureq::get(format!("{}/metrics", d.base)).call().unwrap().body_mut().read_to_string().unwrap();
+    wait_for("the damaged delivery to be set aside", SETTLE, || {
+        metrics().contains("nexor_webhookd_deliveries_set_aside 1")
+    });
+    assert!(metrics().contains("nexor_webhookd_undecodable_records_total 1"));
+    assert!(d.log().contains("setting it aside"));
+    // Set aside once, not retried on every restart: after a restart, a new
+    // event goes through and the damaged one is not looked at again.
+    d.restart();
+    let third = d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned();
+    d.wait_settled(&third, &["succeeded"], SETTLE);
+    assert_eq!(d.log().matches("setting it aside").count(), 1);
+}

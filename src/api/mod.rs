@@ -167,6 +167,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
             scheduled_later: waiting.saturating_sub(due_now),
             oldest_due_age_seconds: oldest.map_or(0.0, |d| (now - d.at_ms) as f64 / 1000.0),
             storage_bytes: store.size_on_disk(),
+            set_aside: store.set_aside_count() as u64,
             webhooks,
         })
     })

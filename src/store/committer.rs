@@ -32,6 +32,8 @@ pub enum Op {
     Cancel(Vec<DeliveryKey>),
     /// Delete these events, where every delivery of one is final.
     Prune(Vec<u64>),
+    /// Take this entry out of the due index and note it in the set-aside list.
+    SetAside(Due),
 }
 
 pub enum Reply {
@@ -179,6 +181,11 @@ impl Committer {
             Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
             Op::Cancel(keys) => self.cancel(p, keys).map(Reply::Count),
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Count),
+            Op::SetAside(due) => {
+                p.remove(&keys::due(due));
+                p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
+                Ok(Reply::Count(1))
+            }
         }
     }
 

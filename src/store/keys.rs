@@ -9,6 +9,7 @@
 //! | `Q due_ms seq webhook` | nothing: the due index |
 //! | `X webhook seq` | nothing: a webhook's deliveries, by time |
 //! | `W webhook` | the webhook's stats |
+//! | `Z seq webhook` | due time: a delivery set aside because it could not be read |
 
 use uuid::Uuid;
 
@@ -20,6 +21,7 @@ pub const DELIVERY: u8 = b'D';
 pub const DUE: u8 = b'Q';
 pub const BY_WEBHOOK: u8 = b'X';
 pub const STATS: u8 = b'W';
+pub const SET_ASIDE: u8 = b'Z';
 
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -73,6 +75,12 @@ pub fn by_webhook(d: DeliveryKey) -> [u8; 25] {
 
 pub fn parse_by_webhook(k: &[u8]) -> DeliveryKey {
     DeliveryKey { webhook: uuid_at(k, 1), seq: u64_at(k, 17) }
+}
+
+pub fn set_aside(d: DeliveryKey) -> [u8; 25] {
+    let mut k = delivery(d);
+    k[0] = SET_ASIDE;
+    k
 }
 
 pub fn stats(webhook: &Uuid) -> [u8; 17] {

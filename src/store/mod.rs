@@ -159,6 +159,17 @@ impl Store {
         self.send(Op::Record(outcome), Box::new(move |r| then(r.map(drop))));
     }
 
+    /// Takes a due entry whose records cannot be read out of the due index
+    /// (they stay stored, listed under `Z`); `then` runs once that is on disk.
+    pub fn set_aside(&self, due: Due, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        self.send(Op::SetAside(due), Box::new(move |r| then(r.map(drop))));
+    }
+
+    /// How many deliveries have been set aside as unreadable.
+    pub fn set_aside_count(&self) -> usize {
+        self.inner.db.scan_prefix([keys::SET_ASIDE]).count()
+    }
+
     /// Queues the deliveries among `keys` whose status is in `from` for an
     /// attempt now, with a fresh retry schedule; returns their due entries.
     pub async fn requeue(
