@@ -368,6 +368,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `nexor-webhookd verify`; returns its exit code and first line of output.
+pub fn verify_cli(
+    secret: &str,
+    timestamp: &str,
+    signature: &str,
+    body: &Path,
+    tolerance: &str,
+) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(["verify", "--secret", secret, "--timestamp", timestamp, "--signature", signature])
+        .args(["--tolerance", tolerance, "--body"])
+        .arg(body)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 pub fn write_file(path: &Path, text: &str) {
     std::fs::File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
 }
