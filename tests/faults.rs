@@ -256,3 +256,24 @@ fn an_unreadable_record_is_set_aside_not_a_crash_loop() {
     d.wait_settled(&third, &["succeeded"], SETTLE);
     assert_eq!(d.log().matches("setting it aside").count(), 1);
 }
+
+#[test]
+fn storage_that_cannot_be_used_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "a file where the storage directory should be").unwrap();
+    let config = dir.path().join("c.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\npath = \"{}/data\"\n",
+            blocker.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot create") && stderr.contains("not-a-dir/data"), "{stderr}");
+}
