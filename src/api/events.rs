@@ -23,7 +23,8 @@ pub async fn ingest(
     let input = event::parse_ingest(&body?)?;
     let now = clock::now_ms();
     let record = EventRecord {
-        event_id: input.event_id.unwrap_or_else(Uuid::new_v4),
+        // Replaced by the store with one it can find without an index.
+        event_id: input.event_id.unwrap_or_else(Uuid::nil),
         event_type: input.event_type,
         client_id: input.client_id,
         timestamp_ms: input.timestamp_ms.unwrap_or(now),
@@ -33,17 +34,13 @@ pub async fn ingest(
     };
     let webhooks =
         state.config.get().subscribers(&record.client_id, record.event_type).map(|w| w.id).collect();
-    store_event(&state, record, webhooks).await
+    store_event(&state, NewEvent { record, webhooks, id_given: input.event_id.is_some() }).await
 }
 
-async fn store_event(
-    state: &AppState,
-    record: EventRecord,
-    webhooks: Vec<Uuid>,
-) -> Result<Response, ApiError> {
-    let (event_id, event_type) = (record.event_id, record.event_type);
-    match state.store.ingest(NewEvent { record, webhooks }).await? {
-        Ingested::Accepted(due) => {
+async fn store_event(state: &AppState, event: NewEvent) -> Result<Response, ApiError> {
+    let (event_id, event_type) = (event.record.event_id, event.record.event_type);
+    match state.store.ingest(event).await? {
+        Ingested::Accepted { event_id, due } => {
             let deliveries = due.len();
             state.dispatcher.scheduled(due);
             state.metrics.event_accepted(event_type);
@@ -141,7 +138,7 @@ pub async fn test_send(
     }
     let (event_type, data) = parse_test_body(&body?)?;
     let record = EventRecord {
-        event_id: Uuid::new_v4(),
+        event_id: Uuid::nil(),
         event_type,
         client_id: webhook.client_id,
         timestamp_ms: clock::now_ms(),
@@ -149,7 +146,7 @@ pub async fn test_send(
         test: true,
         data,
     };
-    store_event(&state, record, vec![id]).await
+    store_event(&state, NewEvent { record, webhooks: vec![id], id_given: false }).await
 }
 
 fn parse_test_body(body: &[u8]) -> Result<(EventType, String), ApiError> {

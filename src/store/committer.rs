@@ -197,24 +197,24 @@ impl Committer {
     }
 
     fn ingest(&mut self, p: &mut Pending, ev: NewEvent) -> Result<Ingested, StoreError> {
-        let index_key = keys::index(&ev.record.event_id);
-        if let Some(seq) = p.get(&self.db, &index_key)? {
-            let seq = keys::u64_at(&seq, 0);
-            let stored: EventRecord = p.decode(&self.db, &keys::event(seq))?.ok_or_else(|| {
-                StoreError::Corrupt { key: format!("event {seq}"), reason: "index points at nothing".into() }
-            })?;
-            return Ok(if same_content(&stored, &ev.record) {
-                Ingested::Duplicate
-            } else {
-                Ingested::Conflict
-            });
+        let NewEvent { mut record, webhooks, id_given } = ev;
+        if id_given {
+            if let Some(stored) = self.stored_event(p, &record.event_id)? {
+                let same = same_content(&stored, &record);
+                return Ok(if same { Ingested::Duplicate } else { Ingested::Conflict });
+            }
         }
         let seq = self.next_seq();
+        if id_given {
+            p.insert(&keys::index(&record.event_id), seq.to_be_bytes().to_vec());
+        } else {
+            // Found through its own sequence number: no index entry to write.
+            record.event_id = event_id_for(seq);
+        }
         let now = clock::now_ms();
-        p.insert(&index_key, seq.to_be_bytes().to_vec());
-        p.insert(&keys::event(seq), codec::encode(&ev.record));
-        let mut due = Vec::with_capacity(ev.webhooks.len());
-        for webhook in ev.webhooks {
+        p.insert(&keys::event(seq), codec::encode(&record));
+        let mut due = Vec::with_capacity(webhooks.len());
+        for webhook in webhooks {
             let key = DeliveryKey { seq, webhook };
             let record = DeliveryRecord {
                 webhook_id: webhook,
@@ -230,7 +230,24 @@ impl Committer {
             due.push(d);
             self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
         }
-        Ok(Ingested::Accepted(due))
+        Ok(Ingested::Accepted { event_id: record.event_id, due })
+    }
+
+    /// The stored event with this id, whichever way it is found: through its
+    /// embedded sequence number (daemon-made ids) or the index.
+    fn stored_event(&self, p: &Pending, id: &Uuid) -> Result<Option<EventRecord>, StoreError> {
+        if let Some(seq) = seq_in_event_id(id) {
+            let own: Option<EventRecord> = p.decode(&self.db, &keys::event(seq))?;
+            if let Some(e) = own.filter(|e| e.event_id == *id) {
+                return Ok(Some(e));
+            }
+        }
+        let Some(seq) = p.get(&self.db, &keys::index(id))? else { return Ok(None) };
+        let seq = keys::u64_at(&seq, 0);
+        p.decode(&self.db, &keys::event(seq))?.map(Some).ok_or_else(|| StoreError::Corrupt {
+            key: format!("event {seq}"),
+            reason: "index points at nothing".into(),
+        })
     }
 
     fn record(&mut self, p: &mut Pending, o: Outcome) -> Result<(), StoreError> {
@@ -322,7 +339,9 @@ impl Committer {
                 p.remove(&keys::by_webhook(key));
                 self.update_stats(p, &key.webhook, |s| s.moved(Some(d.status), None))?;
             }
-            p.remove(&keys::index(&event.event_id));
+            if seq_in_event_id(&event.event_id) != Some(seq) {
+                p.remove(&keys::index(&event.event_id));
+            }
             p.remove(&keys::event(seq));
             pruned += 1;
         }

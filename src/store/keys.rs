@@ -4,7 +4,7 @@
 //! | key | value |
 //! |---|---|
 //! | `E seq` | event |
-//! | `I event_id` | seq (the only key led by a random id: kept small) |
+//! | `I event_id` | seq, for ids the application chose (the only key led by a random id: kept small) |
 //! | `D seq webhook` | delivery |
 //! | `Q due_ms seq webhook` | nothing: the due index |
 //! | `X webhook seq` | nothing: a webhook's deliveries, by time |

@@ -202,6 +202,11 @@ impl Store {
 
     /// The sequence number of the event with this id.
     pub fn find_event(&self, event_id: &Uuid) -> Result<Option<u64>, StoreError> {
+        if let Some(seq) = seq_in_event_id(event_id) {
+            if self.event(seq)?.is_some_and(|e| e.event_id == *event_id) {
+                return Ok(Some(seq));
+            }
+        }
         Ok(self.inner.db.get(keys::index(event_id))?.map(|v| keys::u64_at(&v, 0)))
     }
 
@@ -395,6 +400,7 @@ mod tests {
         NewEvent {
             record: EventRecord { event_id: Uuid::from_bytes([id; 16]), ..record(data, None) },
             webhooks: webhooks.to_vec(),
+            id_given: true,
         }
     }
 
@@ -411,7 +417,8 @@ mod tests {
         {
             let store = Store::open(dir.path(), &OPTIONS).unwrap();
             assert!(matches!(Store::open(dir.path(), &OPTIONS), Err(StoreError::Locked(_))));
-            let Ingested::Accepted(first) = store.ingest(new(1, "{}", &webhooks)).await.unwrap() else {
+            let Ingested::Accepted { due: first, .. } = store.ingest(new(1, "{}", &webhooks)).await.unwrap()
+            else {
                 panic!()
             };
             assert_eq!(first.len(), 2);
@@ -420,7 +427,8 @@ mod tests {
                 store.ingest(new(1, r#"{"x":1}"#, &webhooks)).await.unwrap(),
                 Ingested::Conflict
             ));
-            let Ingested::Accepted(second) = store.ingest(new(2, "{}", &webhooks)).await.unwrap() else {
+            let Ingested::Accepted { due: second, .. } = store.ingest(new(2, "{}", &webhooks)).await.unwrap()
+            else {
                 panic!()
             };
             assert!(second[0].key.seq > first[0].key.seq);
@@ -440,10 +448,35 @@ mod tests {
         assert_eq!(due_now.len(), 3);
         let later = store.first_due_from(Due::at(clock::now_ms() as u64 + 1)).unwrap().unwrap();
         assert_eq!(later.at_ms, 1 << 50);
-        let Ingested::Accepted(third) = store.ingest(new(3, "{}", &webhooks)).await.unwrap() else {
+        let Ingested::Accepted { due: third, .. } = store.ingest(new(3, "{}", &webhooks)).await.unwrap()
+        else {
             panic!()
         };
         assert!(third[0].key.seq > seq);
+    }
+
+    #[tokio::test]
+    async fn daemon_made_ids_need_no_index_and_still_deduplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let mut event = new(0, r#"{"a":1}"#, &[]);
+        event.id_given = false;
+        let Ingested::Accepted { event_id, .. } = store.ingest(event).await.unwrap() else { panic!() };
+        let seq = store.find_event(&event_id).unwrap().expect("found by its own id");
+        assert_eq!(store.event(seq).unwrap().unwrap().event_id, event_id);
+        assert!(store.inner.db.get(keys::index(&event_id)).unwrap().is_none(), "no index entry");
+        // The application may send that id back: the same content is the same event.
+        let again = |data: &str| NewEvent {
+            record: EventRecord { event_id, ..record(data, None) },
+            webhooks: vec![],
+            id_given: true,
+        };
+        assert!(matches!(store.ingest(again(r#"{"a":1}"#)).await.unwrap(), Ingested::Duplicate));
+        assert!(matches!(store.ingest(again(r#"{"a":2}"#)).await.unwrap(), Ingested::Conflict));
+        // A look-alike id that no event carries is found nowhere.
+        assert_eq!(store.find_event(&event_id_for(seq + 1)).unwrap(), None);
+        assert_eq!(store.prune(vec![seq]).await.unwrap(), 1);
+        assert_eq!(store.find_event(&event_id).unwrap(), None);
     }
 
     #[tokio::test]
@@ -453,7 +486,9 @@ mod tests {
         let w = Uuid::from_bytes([9; 16]);
         let mut keys = Vec::new();
         for id in 1..=5 {
-            let Ingested::Accepted(due) = store.ingest(new(id, "{}", &[w])).await.unwrap() else { panic!() };
+            let Ingested::Accepted { due, .. } = store.ingest(new(id, "{}", &[w])).await.unwrap() else {
+                panic!()
+            };
             keys.push(due[0].key);
         }
         let attempt = |error: Option<&str>| Attempt {

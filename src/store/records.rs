@@ -138,6 +138,41 @@ impl Due {
     }
 }
 
+/// Marks a daemon-made event_id (byte 9) so that lookups know to try it.
+const OWN_ID_MARK: u8 = 0x4e;
+
+/// A daemon-made event_id: an RFC 9562 version-8 uuid carrying the event's
+/// sequence number (so it sorts by time, like v7, and needs no index entry to
+/// be found) and 48 random bits.
+pub fn event_id_for(seq: u64) -> Uuid {
+    let random = Uuid::new_v4();
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&(seq >> 16).to_be_bytes()[2..]);
+    b[6] = 0x80 | ((seq >> 12) & 0x0f) as u8;
+    b[7] = (seq >> 4) as u8;
+    b[8] = 0x80 | (seq & 0x0f) as u8;
+    b[9] = OWN_ID_MARK;
+    b[10..].copy_from_slice(&random.as_bytes()[10..]);
+    Uuid::from_bytes(b)
+}
+
+/// The sequence number inside a daemon-made event_id. Anyone can send an id
+/// of this shape, so callers check that the event found carries this id.
+pub fn seq_in_event_id(id: &Uuid) -> Option<u64> {
+    let b = id.as_bytes();
+    if b[6] >> 4 != 8 || b[8] & 0xf0 != 0x80 || b[9] != OWN_ID_MARK {
+        return None;
+    }
+    let mut high = [0u8; 8];
+    high[2..].copy_from_slice(&b[..6]);
+    Some(
+        u64::from_be_bytes(high) << 16
+            | ((b[6] & 0x0f) as u64) << 12
+            | (b[7] as u64) << 4
+            | (b[8] & 0x0f) as u64,
+    )
+}
+
 /// The time (ms since the epoch) an event was stored, from its sequence number.
 pub fn seq_time_ms(seq: u64) -> i64 {
     (seq >> 16) as i64
@@ -152,12 +187,15 @@ pub fn first_seq_at(ms: i64) -> u64 {
 pub struct NewEvent {
     pub record: EventRecord,
     pub webhooks: Vec<Uuid>,
+    /// Whether the application chose `record.event_id`; if not, the store
+    /// replaces it with one derived from the event's sequence number.
+    pub id_given: bool,
 }
 
 #[derive(Debug)]
 pub enum Ingested {
-    /// Stored now; these deliveries are due.
-    Accepted(Vec<Due>),
+    /// Stored now, under this id; these deliveries are due.
+    Accepted { event_id: Uuid, due: Vec<Due> },
     /// The same event_id with the same content was stored before.
     Duplicate,
     /// The same event_id with different content was stored before.
@@ -172,4 +210,27 @@ pub struct Outcome {
     pub status: Status,
     /// When the next attempt is due; `Some` exactly when `status` is `Retrying`.
     pub next_attempt_at: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_event_ids_carry_their_sequence_and_sort_by_it() {
+        let seqs = [0u64, 1, 0xffff, 1 << 16, 1_776_443_400_012 << 16 | 0x1234, u64::MAX];
+        let mut last = None;
+        for seq in seqs {
+            let id = event_id_for(seq);
+            assert_eq!(id.get_version_num(), 8);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            assert_eq!(seq_in_event_id(&id), Some(seq));
+            if let Some(prev) = last {
+                assert!(id > prev, "ids sort by sequence");
+            }
+            last = Some(id);
+        }
+        assert_eq!(seq_in_event_id(&Uuid::new_v4()), None);
+        assert_eq!(seq_in_event_id(&Uuid::nil()), None);
+    }
 }
