@@ -229,8 +229,15 @@ impl Worker {
                 return;
             }
         };
+        // A stale entry (the delivery finished, or its retry is now due
+        // later than this entry says) must not cause an early attempt.
         if !matches!(delivery.status, Status::Pending | Status::Retrying) {
             let _ = self.done.send(Msg::Finished(key, None));
+            return;
+        }
+        let stored_next = delivery.next_attempt_at.map(|at| Due { at_ms: at.max(0) as u64, key });
+        if stored_next.is_some_and(|next| next.at_ms > due.at_ms) {
+            let _ = self.done.send(Msg::Finished(key, stored_next));
             return;
         }
         let (config, sender) = self.current();

@@ -83,6 +83,11 @@ impl Queue {
 
     /// A due entry was just stored (a new delivery or a retry).
     pub fn insert(&mut self, d: Due) {
+        // A window read may already have loaded it (the store shows a batch
+        // before its sync answers), and it may even be in flight by now.
+        if self.in_flight.contains(&d.key) {
+            return;
+        }
         if d < self.cursor {
             self.ready.insert(d);
             self.trim();
@@ -127,6 +132,11 @@ impl Queue {
                 return None;
             }
             self.ready.pop_first();
+            // A second entry for a delivery in flight is stale or early; the
+            // attempt in flight reports the delivery's real next entry.
+            if self.in_flight.contains(&first.key) {
+                continue;
+            }
             let webhook = first.key.webhook;
             let flying = self.flying.entry(webhook).or_default();
             if *flying < self.per_webhook {
@@ -420,6 +430,29 @@ mod tests {
         q.finished(first, None);
         assert_eq!(q.pop_key(10).map(|k| k.seq), Some(2));
         assert_eq!(q.pop_key(10), None);
+    }
+
+    #[test]
+    fn a_late_notice_of_a_delivery_already_in_flight_is_ignored() {
+        let index = Index([due(5, 1)].into_iter().collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        index.serve(&mut q, 10);
+        let k = q.pop_key(10).unwrap();
+        q.insert(due(5, 1)); // the ingest's own notice, after the window read
+        assert_eq!(q.pop_key(10), None, "{k:?} handed out twice");
+    }
+
+    #[test]
+    fn a_second_entry_for_a_delivery_in_flight_waits_for_its_report() {
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        Index(BTreeSet::new()).serve(&mut q, 0);
+        q.insert(due(5, 1)); // stale: the delivery's retry is really due at 8
+        q.insert(due(8, 1));
+        let k = q.pop_key(10).unwrap();
+        assert_eq!(q.pop_key(10), None, "not handed out twice");
+        // The worker finds the stored retry later than the entry it got and reports it.
+        q.finished(k, Some(due(8, 1)));
+        assert_eq!(q.pop_key(10), Some(k));
     }
 
     #[test]
