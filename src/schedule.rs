@@ -146,6 +146,11 @@ impl Queue {
                 return Some(first);
             }
             let held = self.held.entry(webhook).or_default();
+            // Once a webhook has spilled, its newer entries wait in the store
+            // behind the spilled ones, so it is served oldest first.
+            if held.spilled.is_some_and(|s| first >= s) {
+                continue;
+            }
             held.set.insert(first);
             if held.set.len() > HELD_MAX {
                 let last = held.set.pop_last().expect("non-empty");
@@ -453,6 +458,38 @@ mod tests {
         // The worker finds the stored retry later than the entry it got and reports it.
         q.finished(k, Some(due(8, 1)));
         assert_eq!(q.pop_key(10), Some(k));
+    }
+
+    #[test]
+    fn a_busy_webhook_is_served_oldest_first_while_new_entries_keep_coming() {
+        let w = 1u8;
+        let mut index = Index((0..(HELD_MAX * 3) as u64).map(|i| due_to(5 + i, i, w)).collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100_000, 2);
+        let mut next_seq = (HELD_MAX * 3) as u64;
+        let mut served = Vec::new();
+        let mut flying = std::collections::VecDeque::new();
+        for _ in 0..HELD_MAX * 4 {
+            index.serve(&mut q, 1_000_000);
+            // Take everything the limit allows; the rest is held or spilled.
+            while let Some(k) = q.pop_key(1_000_000) {
+                served.push(k.seq);
+                flying.push_back(k);
+            }
+            // New traffic keeps arriving for the same webhook.
+            let fresh = due_to(500_000 + next_seq, next_seq, w);
+            index.0.insert(fresh);
+            q.insert(fresh);
+            next_seq += 1;
+            // Attempts end faster than new ones arrive, so the held entries drain.
+            for _ in 0..2 {
+                let Some(k) = flying.pop_front() else { break };
+                q.attempted(k);
+                index.done(&mut q, k);
+            }
+        }
+        assert!(served.len() >= HELD_MAX * 3);
+        let oldest_first = served.windows(2).filter(|p| p[1] < p[0]).count();
+        assert_eq!(oldest_first, 0, "an older entry was served after a newer one");
     }
 
     #[test]
