@@ -16,12 +16,25 @@
 //! ceiling of the same clients first, so the figure means something on the
 //! machine at hand), `latency` (paced load), `fanout` (many webhooks per
 //! event), `backlog` (deliveries piling up behind a receiver that is down,
-//! a restart, then the drain once it is back and they are recovered) and `isolation` (healthy webhooks next to hanging ones,
-//! against a run without the hanging ones). Everything is bounded: fixed
-//! counts or durations, and waiting for deliveries ends after `--stall`
-//! without a new arrival.
+//! a restart, then the drain once it is back and they are recovered),
+//! `isolation` (healthy webhooks next to hanging ones, against a run without
+//! the hanging ones), `soak` (a long paced load at a webhook that fails a
+//! random share of attempts, with a short retention: does the daemon's
+//! footprint and latency stay flat?) and `churn` (as many events as fast as
+//! possible with a very short retention: does sled's disk use plateau?).
+//!
+//! `soak` and `churn` also sample while the load runs, every `--sample`
+//! seconds: the daemon's RSS and open file descriptors from `/proc/PID`, the
+//! storage directory's disk use, events acknowledged so far and within the
+//! last retention period (about what retention cannot delete yet), and the
+//! ingest→arrival and 202 latencies of that interval alone. Each sample is
+//! printed as it is taken and the series ends up in the summary and the JSON
+//! line, with a verdict on whether it levelled off.
+//!
+//! Everything is bounded: fixed counts or durations, and waiting for
+//! deliveries ends after `--stall` without a new arrival.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -62,15 +75,25 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 struct Args {
     #[arg(long, value_enum)]
     scenario: Scenario,
-    /// Events to post [default: throughput 100000, fanout 2000, backlog 200000]
+    /// Events to post [default: throughput 100000, fanout 2000, backlog 200000, churn 3000000]
     #[arg(long)]
     events: Option<u64>,
-    /// Events per second of paced load [default: latency 1000, isolation 20]
+    /// Events per second of paced load [default: latency 1000, isolation 20, soak 500]
     #[arg(long)]
     rate: Option<u64>,
-    /// Seconds of paced load [default: latency 20, isolation 10]
+    /// Seconds of paced load [default: latency 20, isolation 10, soak 1800]
     #[arg(long)]
     seconds: Option<u64>,
+    /// Seconds between samples while the load runs [default: soak 60, churn 15]
+    #[arg(long)]
+    sample: Option<u64>,
+    /// The daemon's `[storage] retention` [default: soak 5m, churn 20s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
+    /// Share of soak delivery attempts the receiver answers 503 (never all of
+    /// one delivery's attempts, so each still arrives)
+    #[arg(long, default_value_t = 0.2)]
+    fail_rate: f64,
     /// Concurrent client threads [default: 64, or 16 for paced load]
     #[arg(long)]
     clients: Option<usize>,
@@ -101,6 +124,8 @@ enum Scenario {
     Fanout,
     Backlog,
     Isolation,
+    Soak,
+    Churn,
 }
 
 fn scenario_name(s: Scenario) -> String {
@@ -130,6 +155,8 @@ fn run(args: &Args) -> Result<Report> {
         Scenario::Fanout => fanout(&bench, &mut report),
         Scenario::Backlog => backlog(&bench, &mut report),
         Scenario::Isolation => isolation(&bench, &mut report),
+        Scenario::Soak => soak(&bench, &mut report),
+        Scenario::Churn => churn(&bench, &mut report),
     };
     if let Err(e) = result {
         bench.work.keep();
@@ -150,7 +177,7 @@ fn run(args: &Args) -> Result<Report> {
 
 /// Delivery settings for receivers that answer at once: retries come soon, so
 /// a transient failure shows up as latency instead of a lost event.
-const PROMPT: DeliverySettings = DeliverySettings { timeout: "10s", retry_schedule: &["1s", "5s"] };
+const PROMPT: Settings = Settings { timeout: "10s", retry_schedule: &["1s", "5s"], retention: None };
 
 fn throughput(b: &Bench, r: &mut Report) -> Result<()> {
     let events = b.args.events.unwrap_or(100_000);
@@ -161,7 +188,7 @@ fn throughput(b: &Bench, r: &mut Report) -> Result<()> {
     let secs = b.args.ceiling_seconds;
     eprintln!("ceiling: {clients} clients posting straight to the receiver for {secs} s");
     let ceiling =
-        generate(&b.receiver.url("/raw"), clients, Plan::For(Duration::from_secs(secs)), &b.body, 200);
+        generate(&b.receiver.url("/raw"), clients, Plan::For(Duration::from_secs(secs)), &b.body, 200, None);
     let ceiling_per_s = per_s(ceiling.answered, ceiling.end_ns - ceiling.start_ns);
     r.set("ceiling_per_s", round(ceiling_per_s, 1));
     r.say(format!(
@@ -206,7 +233,7 @@ fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
     // With no retries every delivery is `failed` after its one 503: stored,
     // kept, and what `recover` sends again once the receiver is back.
     let hooks = b.hooks(&[(Mode::Down, 1)]);
-    let settings = DeliverySettings { timeout: "10s", retry_schedule: &[] };
+    let settings = Settings { timeout: "10s", retry_schedule: &[], ..PROMPT };
     let since = rfc3339_now()?;
     let mut d = b.daemon("backlog", &hooks, &settings)?;
     let run = measure(b, &d, Plan::Count(events), b.clients(64), &hooks)?;
@@ -282,7 +309,7 @@ fn isolation(b: &Bench, r: &mut Report) -> Result<()> {
     // One short timeout for both runs, so the only difference between them is
     // whether the hanging webhooks exist; retries out of reach keep each
     // hanging delivery to one attempt.
-    let settings = DeliverySettings { timeout: "2s", retry_schedule: &["1h"] };
+    let settings = Settings { timeout: "2s", retry_schedule: &["1h"], ..PROMPT };
 
     let hooks = b.hooks(&[(Mode::Ok, healthy)]);
     let mut d = b.daemon("isolation-baseline", &hooks, &settings)?;
@@ -309,6 +336,123 @@ fn isolation(b: &Bench, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+fn soak(b: &Bench, r: &mut Report) -> Result<()> {
+    let plan = b.paced(500, 1800);
+    let every = b.sample_every(60);
+    let retention = b.args.retention.unwrap_or(Duration::from_secs(300));
+    let fail_rate = b.args.fail_rate;
+    if !(0.0..=1.0).contains(&fail_rate) {
+        bail!("--fail-rate {fail_rate} is not a fraction from 0 to 1");
+    }
+    // Short delays keep the retry backlog small and bounded (a delivery waits
+    // 36 s at most), and the receiver never refuses a delivery more often than
+    // it has retries, so every one arrives: a missing one is the daemon's.
+    let settings =
+        Settings { timeout: "10s", retry_schedule: &["1s", "5s", "30s"], retention: Some(retention) };
+    let cap = settings.retry_schedule.len();
+    b.receiver.make_flaky(fail_rate, cap);
+    report_settings(r, &settings, b.args.workers);
+    r.set("fail_rate", fail_rate);
+    r.say(format!(
+        "receiver: answers 503 to {:.0}% of attempts at random, at most {cap} times per delivery",
+        100.0 * fail_rate
+    ));
+
+    let hooks = b.hooks(&[(Mode::Flaky, 1)]);
+    let mut d = b.daemon("soak", &hooks, &settings)?;
+    let mut series = Series::new(retention);
+    let run =
+        measure_sampled(b, &d, plan, b.clients(16), &hooks, Some((every, &mut |p| series.take(b, &d, p))))?;
+    report_run(r, "", "steady paced load, one webhook failing at random", &run);
+    let attempts = run.flaked + run.delivered + run.duplicates;
+    let share = run.flaked as f64 / attempts.max(1) as f64;
+    r.set("fail_share", round(share, 4));
+    r.say(format!("  {:.1}% of {attempts} attempts answered 503 on purpose", 100.0 * share));
+
+    let samples = &series.samples;
+    report_series(r, samples, every);
+    // Disk use, and with it sled's cache, can only level off once events start
+    // leaving, a retention period (and a pruning pass) after the first came.
+    let premature = thirds(samples).is_none_or(|(middle, _)| middle[0].elapsed_s < retention.as_secs_f64());
+    let figure = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let verdicts = [
+        ("trend_rss_mb", "RSS MB", figure(|s| mb(s.rss)), FLAT_FOOTPRINT, premature),
+        ("trend_fds", "open fds", figure(|s| s.fds as f64), FLAT_FOOTPRINT, false),
+        ("trend_disk_mb", "disk MB", figure(|s| mb(s.disk)), FLAT_FOOTPRINT, premature),
+        ("trend_arrival_p50_ms", "ingest→arrival p50 ms", figure(|s| s.arrival.p50), FLAT_LATENCY, false),
+        ("trend_arrival_p99_ms", "ingest→arrival p99 ms", figure(|s| s.arrival.p99), FLAT_LATENCY, false),
+        ("trend_ack_p99_ms", "202 p99 ms", figure(|s| s.ack.p99), FLAT_LATENCY, false),
+    ]
+    .map(|(key, label, xs, limit, premature)| (label, report_trend(r, key, label, &xs, limit, premature)));
+    let which = |v: Option<bool>| -> Vec<&str> {
+        verdicts.iter().filter(|(_, flat)| *flat == v).map(|(label, _)| *label).collect()
+    };
+    let (growing, unjudged) = (which(Some(false)), which(None));
+    let flat = (unjudged.len() < verdicts.len()).then_some(growing.is_empty());
+    let unjudged =
+        if unjudged.is_empty() { String::new() } else { format!("; not judged: {}", unjudged.join(", ")) };
+    r.set("flat", flat);
+    match flat {
+        None => r.warn("soak: too few samples for a verdict; run for at least nine sample intervals"),
+        Some(true) => r.say(format!("verdict: flat{unjudged}")),
+        Some(false) => {
+            r.say(format!("verdict: growing ({}){unjudged}", growing.join(", ")));
+            r.warn(format!("soak: not flat: {}", growing.join(", ")));
+        }
+    }
+    finish(&mut d, r, "", run.acked)
+}
+
+fn churn(b: &Bench, r: &mut Report) -> Result<()> {
+    let events = b.args.events.unwrap_or(3_000_000);
+    let every = b.sample_every(15);
+    let retention = b.args.retention.unwrap_or(Duration::from_secs(20));
+    let settings = Settings { retention: Some(retention), ..PROMPT };
+    report_settings(r, &settings, b.args.workers);
+
+    let hooks = b.hooks(&[(Mode::Ok, 1)]);
+    let mut d = b.daemon("churn", &hooks, &settings)?;
+    let mut series = Series::new(retention);
+    let run = measure_sampled(
+        b,
+        &d,
+        Plan::Count(events),
+        b.clients(64),
+        &hooks,
+        Some((every, &mut |p| series.take(b, &d, p))),
+    )?;
+    report_run(r, "", "as fast as possible through a fast receiver, short retention", &run);
+
+    let samples = &series.samples;
+    report_series(r, samples, every);
+    // Maxima rather than averages: sled grows its files in steps and reuses
+    // the space freed, so a plateau shows as a ceiling that stops rising.
+    let max_disk = |s: &[Sample]| s.iter().map(|s| s.disk).max().unwrap_or(0);
+    match thirds(samples) {
+        Some((middle, last)) => {
+            let ratio = max_disk(last) as f64 / max_disk(middle).max(1) as f64;
+            let plateaued = ratio <= FLAT_FOOTPRINT.ratio;
+            // What each event that retention cannot delete yet costs on disk, once settled.
+            let per_live = last.iter().map(Sample::disk_per_live).sum::<f64>() / last.len() as f64;
+            r.set("disk_plateau_ratio", round(ratio, 3));
+            r.set("disk_plateaued", plateaued);
+            r.set("disk_bytes_per_live_event", round(per_live, 1));
+            r.say(format!(
+                "disk: max {:.1} MB over the last third of samples / {:.1} MB over the middle third = {ratio:.3}: {}",
+                mb(max_disk(last)),
+                mb(max_disk(middle)),
+                if plateaued { "plateaued" } else { "still growing" }
+            ));
+            r.say(format!("disk per live event (last third, live = acknowledged within the retention period): {per_live:.0} bytes"));
+            if !plateaued {
+                r.warn(format!("churn: disk still growing ({ratio:.2}x from the middle to the last third)"));
+            }
+        }
+        None => r.warn("churn: too few samples for a plateau verdict; use more events or a shorter --sample"),
+    }
+    finish(&mut d, r, "", run.acked)
+}
+
 // ----------------------------------------------------- one load, one daemon
 
 /// What one load against one daemon produced, as every scenario reports it.
@@ -329,6 +473,8 @@ struct Run {
     unreadable: u64,
     refused: u64,
     hung: u64,
+    /// `/flaky/` attempts answered 503 on purpose (each retried).
+    flaked: u64,
     /// From the first send to the last 200 or 503.
     delivered_ns: u64,
     ack: Dist,
@@ -356,11 +502,29 @@ impl Run {
 /// Posts `plan` to the daemon, waits until every webhook has had its
 /// attempt of every acknowledged event (or arrivals stall), and tallies.
 fn measure(b: &Bench, d: &Daemon, plan: Plan, clients: usize, hooks: &[Hook]) -> Result<Run> {
+    measure_sampled(b, d, plan, clients, hooks, None)
+}
+
+/// How often to sample while a load runs, and what to do with each sample.
+type Sampler<'s> = (Duration, &'s mut dyn FnMut(Progress) -> Result<()>);
+
+/// [`measure`], calling the sampler at its interval while the load runs.
+fn measure_sampled(
+    b: &Bench,
+    d: &Daemon,
+    plan: Plan,
+    clients: usize,
+    hooks: &[Hook],
+    sampler: Option<Sampler>,
+) -> Result<Run> {
     let per_event = |m: Mode| hooks.iter().filter(|h| h.mode == m).count() as u64;
     let before = d.proc()?;
     let bench_before = proc_stats(std::process::id())?.cpu;
     eprintln!("{}: {clients} clients posting {plan}", d.name);
-    let load = generate(&d.events_url(), clients, plan, &b.body, 202);
+    let load = match sampler {
+        None => generate(&d.events_url(), clients, plan, &b.body, 202, None),
+        Some((every, sample)) => generate_sampled(&d.events_url(), clients, plan, &b.body, every, sample)?,
+    };
     let acked = load.acked.len() as u64;
     let want = acked * hooks.len() as u64;
     eprintln!("{}: {acked} acknowledged; waiting for {want} deliveries", d.name);
@@ -379,13 +543,14 @@ fn measure(b: &Bench, d: &Daemon, plan: Plan, clients: usize, hooks: &[Hook]) ->
         failed: load.failed,
         acked_ns: load.end_ns - load.start_ns,
         max_lag_ms: load.max_lag_us as f64 / 1000.0,
-        expected: acked * per_event(Mode::Ok),
+        expected: acked * (per_event(Mode::Ok) + per_event(Mode::Flaky)),
         delivered,
         duplicates: tally.duplicates,
         unacked_delivered: tally.delivered.len() as u64 - delivered,
         unreadable: tally.unreadable,
         refused: tally.refused,
         hung: tally.hung,
+        flaked: tally.flaked,
         delivered_ns: tally.last_ns.saturating_sub(load.start_ns),
         ack: Dist::of(load.latency_us),
         arrival: Dist::of(tally.latency_us),
@@ -444,6 +609,7 @@ fn report_run(r: &mut Report, p: &str, title: &str, run: &Run) {
     for (what, n) in [
         ("refused", run.refused),
         ("hung", run.hung),
+        ("flaky_503", run.flaked),
         ("unacked_delivered", run.unacked_delivered),
         ("unreadable", run.unreadable),
     ] {
@@ -534,6 +700,227 @@ fn finish(d: &mut Daemon, r: &mut Report, p: &str, events: u64) -> Result<()> {
     Ok(())
 }
 
+// ----------------------------------------------------------------- samples
+
+/// How much a series may rise from its middle third to its last and still
+/// count as flat: by up to `ratio` times, or by up to `slack` in its own unit.
+#[derive(Clone, Copy)]
+struct Flatness {
+    ratio: f64,
+    slack: f64,
+}
+
+/// For footprints: sled grows and reclaims its files in steps, so a steady
+/// state still moves a little.
+const FLAT_FOOTPRINT: Flatness = Flatness { ratio: 1.10, slack: 0.0 };
+/// For per-interval latencies in ms: a p99 is a few hundred arrivals' tail,
+/// and on loopback a scheduler hiccup moves a sub-millisecond p50 by half.
+const FLAT_LATENCY: Flatness = Flatness { ratio: 1.5, slack: 5.0 };
+
+/// What a sample sees of the load so far.
+struct Progress<'a> {
+    /// Since the clients started.
+    elapsed: Duration,
+    /// 202 answers counted so far, at every tick: (elapsed, count).
+    ticks: &'a [(Duration, u64)],
+    /// 202 latencies since the previous sample, microseconds.
+    ack_us: Vec<u64>,
+}
+
+impl Progress<'_> {
+    fn acked(&self) -> u64 {
+        self.ticks.last().map_or(0, |&(_, n)| n)
+    }
+
+    /// Acknowledged within the last `window`, to the nearest tick.
+    fn acked_within(&self, window: Duration) -> u64 {
+        let since = self.elapsed.saturating_sub(window);
+        let i = self.ticks.partition_point(|&(t, _)| t <= since);
+        self.acked() - i.checked_sub(1).map_or(0, |i| self.ticks[i].1)
+    }
+}
+
+/// One row of a soak or churn series.
+struct Sample {
+    elapsed_s: f64,
+    rss: u64,
+    fds: u64,
+    disk: u64,
+    acked: u64,
+    /// Acknowledged within the last retention period: roughly the events
+    /// retention may not delete yet.
+    live: u64,
+    /// Distinct (event, webhook) pairs answered 200 so far.
+    delivered: u64,
+    /// Ingest→arrival of the deliveries first answered 200 in this interval.
+    arrival: Dist,
+    /// 202 latency of the answers in this interval.
+    ack: Dist,
+}
+
+impl Sample {
+    const HEADER: &'static str = "    t_s  rss_mb   fds  disk_mb     acked     live  B/live  delivered  arrivals  arr_p50_ms  arr_p99_ms  ack_p99_ms";
+
+    fn disk_per_live(&self) -> f64 {
+        self.disk as f64 / self.live.max(1) as f64
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "{:>7.0} {:>7.1} {:>5} {:>8.1} {:>9} {:>8} {:>7.0} {:>10} {:>9} {:>11.2} {:>11.2} {:>11.2}",
+            self.elapsed_s,
+            mb(self.rss),
+            self.fds,
+            mb(self.disk),
+            self.acked,
+            self.live,
+            self.disk_per_live(),
+            self.delivered,
+            self.arrival.n,
+            self.arrival.p50,
+            self.arrival.p99,
+            self.ack.p99
+        )
+    }
+
+    fn json(&self) -> Value {
+        serde_json::json!({
+            "t_s": round(self.elapsed_s, 1),
+            "rss_mb": round(mb(self.rss), 1),
+            "fds": self.fds,
+            "disk_bytes": self.disk,
+            "acked": self.acked,
+            "live": self.live,
+            "disk_bytes_per_live": round(self.disk_per_live(), 1),
+            "delivered": self.delivered,
+            "arrivals": self.arrival.n,
+            "arrival_p50_ms": round(self.arrival.p50, 3),
+            "arrival_p99_ms": round(self.arrival.p99, 3),
+            "ack_p99_ms": round(self.ack.p99, 3),
+        })
+    }
+}
+
+/// The samples of one run, each printed as it is taken.
+struct Series {
+    retention: Duration,
+    samples: Vec<Sample>,
+    /// Arrival latencies already in an earlier sample.
+    seen: usize,
+}
+
+impl Series {
+    fn new(retention: Duration) -> Series {
+        Series { retention, samples: Vec::new(), seen: 0 }
+    }
+
+    fn take(&mut self, b: &Bench, d: &Daemon, p: Progress) -> Result<()> {
+        let proc = d.proc()?;
+        let disk = disk_usage(&d.storage())?;
+        let (delivered, arrival_us) = b.receiver.delivered_since(self.seen);
+        self.seen += arrival_us.len();
+        let sample = Sample {
+            elapsed_s: p.elapsed.as_secs_f64(),
+            rss: proc.rss_bytes,
+            fds: proc.fds,
+            disk,
+            acked: p.acked(),
+            live: p.acked_within(self.retention),
+            delivered,
+            arrival: Dist::of(arrival_us),
+            ack: Dist::of(p.ack_us),
+        };
+        if self.samples.is_empty() {
+            eprintln!("{}", Sample::HEADER);
+        }
+        eprintln!("{}", sample.row());
+        self.samples.push(sample);
+        Ok(())
+    }
+}
+
+/// The middle and the last third of a series, or `None` below nine items:
+/// a third of one or two samples is one interval's noise, not a trend. The
+/// first third is left out on purpose: it holds the warm-up (sled's cache
+/// filling, the retention period not yet over), so measured against it every
+/// healthy run would look like it grows.
+fn thirds<T>(xs: &[T]) -> Option<(&[T], &[T])> {
+    let (n, t) = (xs.len(), xs.len() / 3);
+    (t >= 3).then(|| (&xs[n - 2 * t..n - t], &xs[n - t..]))
+}
+
+/// Prints and records the config values a scenario chose.
+fn report_settings(r: &mut Report, s: &Settings, workers: usize) {
+    let retention = s.retention.map_or("default".into(), |d| humantime::format_duration(d).to_string());
+    r.say(format!(
+        "config: [storage] retention = {retention}; [delivery] timeout = {}, retry_schedule = [{}], workers = {workers}; everything else the daemon's defaults",
+        s.timeout,
+        s.retry_schedule.join(", ")
+    ));
+    r.set("retention_s", s.retention.map(|d| d.as_secs_f64()));
+    r.set("timeout", s.timeout);
+    r.set("retry_schedule", s.retry_schedule.to_vec());
+}
+
+/// Adds the samples to the summary as a table and to the JSON as `samples`.
+fn report_series(r: &mut Report, samples: &[Sample], every: Duration) {
+    r.set("sample_s", every.as_secs());
+    r.set("samples", samples.iter().map(Sample::json).collect::<Vec<_>>());
+    r.say(format!(
+        "samples every {} (latencies of that interval alone; B/live = disk bytes per live event):",
+        humantime::format_duration(every)
+    ));
+    r.say(Sample::HEADER);
+    for s in samples {
+        r.say(s.row());
+    }
+}
+
+/// Reports how one figure moved over a series: first, last, min, max and the
+/// ratio of its last third's median to its middle third's. Returns whether
+/// the rise stays within `limit`, or `None` when there is nothing to judge
+/// (too few samples, or `premature`: the figure cannot have settled yet).
+fn report_trend(
+    r: &mut Report,
+    key: &str,
+    label: &str,
+    xs: &[f64],
+    limit: Flatness,
+    premature: bool,
+) -> Option<bool> {
+    let (&first, &last) = (xs.first()?, xs.last()?);
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // Medians, not averages: an arrival p99 sits between two retry delays and
+    // now and then flips to the longer one for an interval, while a leak
+    // moves the median as surely as the average.
+    let median = |s: &[f64]| {
+        let mut s = s.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[(s.len() - 1) / 2] + s[s.len() / 2]) / 2.0
+    };
+    let medians = thirds(xs).map(|(middle, end)| (median(middle), median(end)));
+    // Both thirds at zero (no arrivals, say) is flat, not 0/0.
+    let ratio = medians.map(|(m, e)| if m == e { 1.0 } else { e / m });
+    let flat = medians.filter(|_| !premature).map(|(m, e)| e <= m * limit.ratio || e - m <= limit.slack);
+    r.set(
+        key,
+        serde_json::json!({
+            "first": round(first, 3), "last": round(last, 3), "min": round(min, 3), "max": round(max, 3),
+            "ratio": ratio.map(|x| round(x, 3)), "flat": flat,
+        }),
+    );
+    let verdict = match (ratio, flat) {
+        (None, _) => "too few samples to judge".to_owned(),
+        (Some(x), None) => format!("last/middle third {x:.2}, too early to judge"),
+        (Some(x), Some(flat)) => {
+            format!("last/middle third {x:.2}: {}", if flat { "flat" } else { "growing" })
+        }
+    };
+    r.say(format!("  {label}: first {first:.1}, last {last:.1}, min {min:.1}, max {max:.1}; {verdict}"));
+    flat
+}
+
 // ------------------------------------------------------------------- setup
 
 /// What every scenario shares: the daemon binary, the temp directory, the
@@ -582,6 +969,10 @@ impl<'a> Bench<'a> {
         Plan::Paced { rate, n }
     }
 
+    fn sample_every(&self, default: u64) -> Duration {
+        Duration::from_secs(self.args.sample.unwrap_or(default).max(1))
+    }
+
     /// Webhooks of this bench's client, `count` of each receiver behaviour,
     /// each on its own path.
     fn hooks(&self, modes: &[(Mode, usize)]) -> Vec<Hook> {
@@ -598,17 +989,20 @@ impl<'a> Bench<'a> {
     }
 
     /// Writes a config into a fresh subdirectory and starts a daemon on it.
-    fn daemon(&self, name: &str, hooks: &[Hook], delivery: &DeliverySettings) -> Result<Daemon> {
+    fn daemon(&self, name: &str, hooks: &[Hook], settings: &Settings) -> Result<Daemon> {
         let dir = self.work.path.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         // A JSON string is a valid TOML basic string.
         let quote = |s: &str| Value::from(s).to_string();
+        let retention = settings.retention.map_or(String::new(), |d| {
+            format!("retention = {}\n", quote(&humantime::format_duration(d).to_string()))
+        });
         let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\npath = \"data\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\npath = \"data\"\n{retention}\n\
              [delivery]\ntimeout = {}\nretry_schedule = [{}]\nallow_private_targets = true\nworkers = {}\n",
-            quote(delivery.timeout),
-            delivery.retry_schedule.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "),
+            quote(settings.timeout),
+            settings.retry_schedule.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "),
             self.args.workers,
         );
         for h in hooks {
@@ -641,9 +1035,15 @@ impl<'a> Bench<'a> {
     }
 }
 
-struct DeliverySettings {
+/// The config values a scenario chooses; everything else is the daemon's default.
+#[derive(Clone, Copy)]
+struct Settings {
+    /// `[delivery] timeout`
     timeout: &'static str,
+    /// `[delivery] retry_schedule`
     retry_schedule: &'static [&'static str],
+    /// `[storage] retention`; `None` leaves the daemon's default.
+    retention: Option<Duration>,
 }
 
 struct Hook {
@@ -799,6 +1199,8 @@ struct ProcStats {
     rss_bytes: u64,
     peak_rss_bytes: u64,
     threads: u64,
+    /// Open file descriptors.
+    fds: u64,
 }
 
 /// CPU seconds spent in user space and in the kernel.
@@ -861,6 +1263,7 @@ fn proc_stats(pid: u32) -> Result<ProcStats> {
         rss_bytes: field("VmRSS:") * 1024,
         peak_rss_bytes: field("VmHWM:") * 1024,
         threads: field("Threads:"),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64,
     })
 }
 
@@ -887,7 +1290,12 @@ fn disk_usage(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
-        let meta = entry.metadata()?;
+        // Measured while the daemon runs too, when sled may remove a file
+        // (an old snapshot, say) between listing and reading it.
+        let meta = match entry.metadata() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            meta => meta?,
+        };
         total += if meta.is_dir() { disk_usage(&entry.path())? } else { meta.blocks() * 512 };
     }
     Ok(total)
@@ -906,6 +1314,8 @@ enum Mode {
     Hang,
     /// `/raw`: 200 without reading the body; the ceiling measurement.
     Raw,
+    /// `/flaky/…`: as `/ok/`, but 503 to a random share of attempts (see [`Flaky`]).
+    Flaky,
 }
 
 impl Mode {
@@ -915,6 +1325,7 @@ impl Mode {
             Mode::Down => "down",
             Mode::Hang => "hang",
             Mode::Raw => "raw",
+            Mode::Flaky => "flaky",
         }
     }
 }
@@ -934,6 +1345,13 @@ struct Tally {
     unreadable: u64,
     /// When the last delivery answered 200 or 503 arrived.
     last_ns: u64,
+    /// `/flaky/` attempts answered 503 on purpose. Each is retried, so none
+    /// ends a delivery, and they are not arrivals.
+    flaked: u64,
+    /// How often each `/flaky/` delivery not yet answered 200 was refused.
+    refusals: HashMap<(Uuid, Uuid), usize>,
+    /// State of the generator that picks the `/flaky/` attempts to refuse.
+    rng: u64,
 }
 
 impl Tally {
@@ -942,10 +1360,14 @@ impl Tally {
     }
 
     /// Counts one request and says how to answer it.
-    fn record(&mut self, mode: Option<Mode>, body: &[u8]) -> StatusCode {
+    fn record(&mut self, mode: Option<Mode>, body: &[u8], flaky: Flaky) -> StatusCode {
         let at = now_ns();
         match mode {
-            Some(Mode::Ok) => match serde_json::from_slice::<Envelope>(body) {
+            Some(m @ (Mode::Ok | Mode::Flaky)) => match serde_json::from_slice::<Envelope>(body) {
+                Ok(e) if m == Mode::Flaky && self.refuse((e.event_id, e.webhook_id), flaky) => {
+                    self.flaked += 1;
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 Ok(e) => {
                     if self.delivered.insert((e.event_id, e.webhook_id)) {
                         self.latency_us.push(at.saturating_sub(e.data.sent_ns) / 1000);
@@ -979,6 +1401,35 @@ impl Tally {
             }
         }
     }
+
+    /// Whether to answer this attempt of a `/flaky/` delivery 503: at random
+    /// with the set probability, but never more often per delivery than
+    /// [`Flaky::cap`], so that its last attempt gets through.
+    fn refuse(&mut self, delivery: (Uuid, Uuid), flaky: Flaky) -> bool {
+        // splitmix64: uniform enough for this, and no dependency for it.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let roll = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+        let refused = self.refusals.get(&delivery).copied().unwrap_or(0);
+        if roll < flaky.rate && refused < flaky.cap {
+            self.refusals.insert(delivery, refused + 1);
+            true
+        } else {
+            self.refusals.remove(&delivery);
+            false
+        }
+    }
+}
+
+/// How `/flaky/` paths answer; set once by the scenario that uses them.
+#[derive(Clone, Copy, Default)]
+struct Flaky {
+    /// Share of attempts answered 503.
+    rate: f64,
+    /// At most this many 503s per delivery: its number of retries.
+    cap: usize,
 }
 
 /// The receiver, on a small runtime of its own so it gets threads however
@@ -995,6 +1446,7 @@ struct Shared {
     tally: Mutex<Tally>,
     /// Whether `/down/` paths are back up.
     up: AtomicBool,
+    flaky: OnceLock<Flaky>,
 }
 
 impl Receiver {
@@ -1033,6 +1485,19 @@ impl Receiver {
     /// From now on `/down/` paths answer as `/ok/` ones do.
     fn bring_up(&self) {
         self.shared.up.store(true, Ordering::Relaxed);
+    }
+
+    /// Sets how `/flaky/` paths fail: `rate` of attempts, at most `cap` per delivery.
+    fn make_flaky(&self, rate: f64, cap: usize) {
+        // Set once, before any delivery, so a second call is a bug here.
+        assert!(self.shared.flaky.set(Flaky { rate, cap }).is_ok(), "flaky receiver set twice");
+    }
+
+    /// Distinct deliveries answered 200 so far, and the ingest→arrival
+    /// latencies recorded after the first `from` of them.
+    fn delivered_since(&self, from: usize) -> (u64, Vec<u64>) {
+        let tally = self.shared.tally.lock().unwrap();
+        (tally.delivered.len() as u64, tally.latency_us.get(from..).unwrap_or_default().to_vec())
     }
 
     /// Waits until `want` arrivals have been seen, or until none has come for
@@ -1082,13 +1547,15 @@ struct SentAt {
 
 async fn receive(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> StatusCode {
     let segment = uri.path().trim_start_matches('/').split('/').next();
-    let mode =
-        [Mode::Ok, Mode::Down, Mode::Hang, Mode::Raw].into_iter().find(|m| Some(m.segment()) == segment);
+    let mode = [Mode::Ok, Mode::Down, Mode::Hang, Mode::Raw, Mode::Flaky]
+        .into_iter()
+        .find(|m| Some(m.segment()) == segment);
     let mode = match mode {
         Some(Mode::Down) if shared.up.load(Ordering::Relaxed) => Some(Mode::Ok),
         m => m,
     };
-    let status = shared.tally.lock().unwrap().record(mode, &body);
+    let flaky = shared.flaky.get().copied().unwrap_or_default();
+    let status = shared.tally.lock().unwrap().record(mode, &body, flaky);
     if mode == Some(Mode::Hang) {
         tokio::time::sleep(HANG_HOLD).await;
     }
@@ -1183,13 +1650,29 @@ struct Ack {
     event_id: Uuid,
 }
 
+/// What the clients share with a sampler while the load runs. Only sampled
+/// loads have one, so the others measure without its shared counter and lock.
+#[derive(Default)]
+struct Live {
+    acked: AtomicU64,
+    /// 202 latencies since the sampler last took them, microseconds.
+    ack_us: Mutex<Vec<u64>>,
+    /// Set when sampling failed: the clients stop early.
+    stop: AtomicBool,
+}
+
+/// How often a sampled load records its acknowledged count, and checks
+/// whether it has ended.
+const TICK: Duration = Duration::from_millis(100);
+
 /// Runs `plan` against `url` from `clients` threads and merges what they saw.
-fn generate(url: &str, clients: usize, plan: Plan, body: &Body, expect: u16) -> Load {
+fn generate(url: &str, clients: usize, plan: Plan, body: &Body, expect: u16, live: Option<&Live>) -> Load {
     let next = AtomicU64::new(0);
     let start_ns = now_ns();
     let parts: Vec<Load> = std::thread::scope(|s| {
-        let threads: Vec<_> =
-            (0..clients).map(|_| s.spawn(|| client(url, plan, body, expect, start_ns, &next))).collect();
+        let threads: Vec<_> = (0..clients)
+            .map(|_| s.spawn(|| client(url, plan, body, expect, start_ns, &next, live)))
+            .collect();
         threads.into_iter().map(|t| t.join().expect("client thread panicked")).collect()
     });
     let mut load = Load { start_ns, end_ns: start_ns, ..Load::default() };
@@ -1197,10 +1680,62 @@ fn generate(url: &str, clients: usize, plan: Plan, body: &Body, expect: u16) -> 
     load
 }
 
-fn client(url: &str, plan: Plan, body: &Body, expect: u16, start_ns: u64, next: &AtomicU64) -> Load {
+/// [`generate`] of 202-answered ingest requests while this thread calls
+/// `sample` every `every`, and once more as the load ends unless the last
+/// sample was under half an interval before: the end state is always in the
+/// series, and never twice.
+fn generate_sampled(
+    url: &str,
+    clients: usize,
+    plan: Plan,
+    body: &Body,
+    every: Duration,
+    sample: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Load> {
+    let live = Live::default();
+    std::thread::scope(|s| {
+        let load = s.spawn(|| generate(url, clients, plan, body, 202, Some(&live)));
+        let start = Instant::now();
+        let (mut ticks, mut due, mut taken) = (Vec::new(), every, Duration::ZERO);
+        let mut failed = Ok(());
+        loop {
+            let ended = load.is_finished();
+            let elapsed = start.elapsed();
+            ticks.push((elapsed, live.acked.load(Ordering::Relaxed)));
+            if elapsed >= due || (ended && elapsed - taken >= every / 2) {
+                let ack_us = std::mem::take(&mut *live.ack_us.lock().unwrap());
+                failed = sample(Progress { elapsed, ticks: &ticks, ack_us });
+                taken = elapsed;
+                while due <= elapsed {
+                    due += every;
+                }
+            }
+            if ended || failed.is_err() {
+                break;
+            }
+            std::thread::sleep(TICK);
+        }
+        live.stop.store(true, Ordering::Relaxed);
+        let load = load.join().expect("load thread panicked");
+        failed.map(|()| load)
+    })
+}
+
+fn client(
+    url: &str,
+    plan: Plan,
+    body: &Body,
+    expect: u16,
+    start_ns: u64,
+    next: &AtomicU64,
+    live: Option<&Live>,
+) -> Load {
     let agent = client_agent(CLIENT_TIMEOUT);
     let mut seen = Load::default();
     loop {
+        if live.is_some_and(|l| l.stop.load(Ordering::Relaxed)) {
+            break;
+        }
         let i = next.fetch_add(1, Ordering::Relaxed);
         match plan {
             Plan::Count(n) | Plan::Paced { n, .. } if i >= n => break,
@@ -1225,6 +1760,10 @@ fn client(url: &str, plan: Plan, body: &Body, expect: u16, start_ns: u64, next: 
                     let done = now_ns();
                     seen.answered += 1;
                     seen.latency_us.push((done - sent) / 1000);
+                    if let Some(live) = live {
+                        live.acked.fetch_add(1, Ordering::Relaxed);
+                        live.ack_us.lock().unwrap().push((done - sent) / 1000);
+                    }
                     seen.end_ns = done;
                     if let Ok(ack) = serde_json::from_slice::<Ack>(&answer) {
                         seen.acked.push(ack.event_id);
