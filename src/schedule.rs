@@ -465,10 +465,9 @@ mod tests {
         let w = 1u8;
         let mut index = Index((0..(HELD_MAX * 3) as u64).map(|i| due_to(5 + i, i, w)).collect());
         let mut q = Queue::new(Duration::from_secs(30), 100_000, 2);
-        let mut next_seq = (HELD_MAX * 3) as u64;
         let mut served = Vec::new();
         let mut flying = std::collections::VecDeque::new();
-        for _ in 0..HELD_MAX * 4 {
+        for next_seq in (HELD_MAX * 3) as u64..(HELD_MAX * 7) as u64 {
             index.serve(&mut q, 1_000_000);
             // Take everything the limit allows; the rest is held or spilled.
             while let Some(k) = q.pop_key(1_000_000) {
@@ -479,7 +478,6 @@ mod tests {
             let fresh = due_to(500_000 + next_seq, next_seq, w);
             index.0.insert(fresh);
             q.insert(fresh);
-            next_seq += 1;
             // Attempts end faster than new ones arrive, so the held entries drain.
             for _ in 0..2 {
                 let Some(k) = flying.pop_front() else { break };
