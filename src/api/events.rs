@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{delivery_json, parse_id, requeue, ApiError, AppState};
+use super::{delivery_json, enabled, parse_id, requeue, ApiError, AppState};
 use crate::clock;
 use crate::event::{self, EventType, IngestError};
 use crate::store::{EventRecord, Ingested, NewEvent, Status};
@@ -128,14 +128,7 @@ pub async fn test_send(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "webhook")?;
     let config = state.config.get();
-    let webhook = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
-    if !webhook.enabled {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "webhook_disabled",
-            format!("webhook {id} is disabled"),
-        ));
-    }
+    let webhook = enabled(&config, &id)?;
     let (event_type, data) = parse_test_body(&body?)?;
     let record = EventRecord {
         event_id: Uuid::nil(),

@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::clock;
-use crate::config;
+use crate::config::{self, Config, Webhook};
 use crate::dispatch::Dispatcher;
 use crate::event::IngestError;
 use crate::metrics::{Metrics, Snapshot};
@@ -182,6 +182,24 @@ fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
         .ok()
         .filter(|_| text.len() == 36)
         .ok_or_else(|| ApiError::not_found(format!("no {what} {text:?}")))
+}
+
+/// The configured webhook with this id, or a 404.
+fn configured<'a>(config: &'a Config, id: &Uuid) -> Result<&'a Webhook, ApiError> {
+    config.webhook(id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))
+}
+
+/// The configured webhook with this id, or a 404; a 409 if it is disabled.
+fn enabled<'a>(config: &'a Config, id: &Uuid) -> Result<&'a Webhook, ApiError> {
+    let w = configured(config, id)?;
+    if !w.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_disabled",
+            format!("webhook {id} is disabled"),
+        ));
+    }
+    Ok(w)
 }
 
 fn attempt_json(a: &Attempt) -> Value {

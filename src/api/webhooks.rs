@@ -2,12 +2,11 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{attempt_json, parse_id, requeue, ApiError, AppState};
+use super::{attempt_json, configured, enabled, parse_id, requeue, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
 use crate::store::{first_seq_at, seq_time_ms, Status};
@@ -54,8 +53,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "webhook")?;
     let config = state.config.get();
-    let w = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
-    Ok(Json(webhook_json(&state, w)?))
+    Ok(Json(webhook_json(&state, configured(&config, &id)?)?))
 }
 
 #[derive(Deserialize)]
@@ -132,14 +130,7 @@ pub async fn recover(
     let Query(q) = query?;
     let id = parse_id(&id, "webhook")?;
     let config = state.config.get();
-    let w = config.webhook(&id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))?;
-    if !w.enabled {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "webhook_disabled",
-            format!("webhook {id} is disabled"),
-        ));
-    }
+    enabled(&config, &id)?;
     let since =
         q.since.ok_or_else(|| ApiError::invalid("since", "missing query parameter `since` (RFC 3339)"))?;
     let since_ms = clock::parse_rfc3339_ms(&since)
