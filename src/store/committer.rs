@@ -53,7 +53,6 @@ pub struct Request {
 
 pub struct Committer {
     pub db: sled::Db,
-    pub data_file: File,
     pub last_seq: u64,
     /// The storage directory, to check its free space before each batch.
     pub dir: PathBuf,
@@ -100,21 +99,16 @@ impl Pending {
 }
 
 impl Committer {
-    pub fn run(mut self, rx: mpsc::Receiver<Request>) {
+    /// Applies requests until every sender is gone; the syncer thread syncs
+    /// `data_file` (sled's data file) after sled's flush.
+    pub fn run(mut self, rx: mpsc::Receiver<Request>, data_file: File) {
         let (to_sync, applied) = mpsc::sync_channel(SYNC_QUEUE);
-        let (db, file) = (self.db.clone(), self.data_file.try_clone());
+        let db = self.db.clone();
         std::thread::scope(|scope| {
-            match file {
-                Ok(file) => {
-                    std::thread::Builder::new()
-                        .name("syncer".into())
-                        .spawn_scoped(scope, move || sync_loop(db, file, applied))
-                        .expect("spawn the syncer");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot open the data file for syncing; every write will fail")
-                }
-            }
+            std::thread::Builder::new()
+                .name("syncer".into())
+                .spawn_scoped(scope, move || sync_loop(db, data_file, applied))
+                .expect("spawn the syncer");
             while let Ok(first) = rx.recv() {
                 let mut requests = vec![first];
                 while requests.len() < MAX_BATCH {

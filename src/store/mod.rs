@@ -116,13 +116,14 @@ impl Store {
         let (requests, rx) = mpsc::channel();
         let committer = Committer {
             db: db.clone(),
-            data_file: data_file.try_clone()?,
             last_seq,
             dir: path.to_owned(),
             min_free: options.min_free_space,
             stats: Default::default(),
         };
-        let committer = thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx))?;
+        let sync_file = data_file.try_clone()?;
+        let committer =
+            thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx, sync_file))?;
         let inner = Inner { db, data_file, requests: Some(requests), committer: Some(committer) };
         Ok(Store { inner: Arc::new(inner) })
     }
