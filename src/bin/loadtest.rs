@@ -103,6 +103,9 @@ struct Args {
     /// The daemon's `[delivery] workers`
     #[arg(long, default_value_t = 64)]
     workers: usize,
+    /// The daemon's `[delivery] per_webhook_in_flight` [default: the daemon's]
+    #[arg(long)]
+    per_webhook: Option<usize>,
     /// Seconds spent measuring the raw loopback POST ceiling (throughput)
     #[arg(long, default_value_t = 5)]
     ceiling_seconds: u64,
@@ -1005,6 +1008,9 @@ impl<'a> Bench<'a> {
             settings.retry_schedule.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "),
             self.args.workers,
         );
+        if let Some(n) = self.args.per_webhook {
+            config.push_str(&format!("per_webhook_in_flight = {n}\n"));
+        }
         for h in hooks {
             config.push_str(&format!(
                 "\n[[webhooks]]\nid = \"{}\"\nclient_id = \"{}\"\nurl = {}\nsecret = \"whsec_loadtest_{}\"\nevents = [\"*\"]\n",
