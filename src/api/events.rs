@@ -31,10 +31,9 @@ pub async fn ingest(
         timestamp_given: input.timestamp_ms.is_some(),
         test: false,
         data: input.data,
+        webhooks: state.config.get().subscribers(&input.client_id, input.event_type).map(|w| w.id).collect(),
     };
-    let webhooks =
-        state.config.get().subscribers(&record.client_id, record.event_type).map(|w| w.id).collect();
-    store_event(&state, NewEvent { record, webhooks, id_given: input.event_id.is_some() }).await
+    store_event(&state, NewEvent { record, id_given: input.event_id.is_some() }).await
 }
 
 async fn store_event(state: &AppState, event: NewEvent) -> Result<Response, ApiError> {
@@ -138,8 +137,9 @@ pub async fn test_send(
         timestamp_given: false,
         test: true,
         data,
+        webhooks: vec![id],
     };
-    store_event(&state, NewEvent { record, webhooks: vec![id], id_given: false }).await
+    store_event(&state, NewEvent { record, id_given: false }).await
 }
 
 fn parse_test_body(body: &[u8]) -> Result<(EventType, String), ApiError> {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::StoreError;
 
 /// First byte of every stored value; bump it when a record's shape changes.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];

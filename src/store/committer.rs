@@ -191,7 +191,7 @@ impl Committer {
     }
 
     fn ingest(&mut self, p: &mut Pending, ev: NewEvent) -> Result<Ingested, StoreError> {
-        let NewEvent { mut record, webhooks, id_given } = ev;
+        let NewEvent { mut record, id_given } = ev;
         if id_given {
             if let Some(stored) = self.stored_event(p, &record.event_id)? {
                 let same = same_content(&stored, &record);
@@ -207,8 +207,8 @@ impl Committer {
         }
         let now = clock::now_ms();
         p.insert(&keys::event(seq), codec::encode(&record));
-        let mut due = Vec::with_capacity(webhooks.len());
-        for webhook in webhooks {
+        let mut due = Vec::with_capacity(record.webhooks.len());
+        for &webhook in &record.webhooks {
             let key = DeliveryKey { seq, webhook };
             let record = DeliveryRecord {
                 webhook_id: webhook,
@@ -218,7 +218,6 @@ impl Committer {
                 round_start: 0,
             };
             p.insert(&keys::delivery(key), codec::encode(&record));
-            p.insert(&keys::by_webhook(key), Vec::new());
             let d = Due { at_ms: now.max(0) as u64, key };
             p.insert(&keys::due(d), Vec::new());
             due.push(d);
@@ -314,23 +313,18 @@ impl Committer {
         let mut pruned = 0;
         for seq in seqs {
             let Some(event) = p.decode::<EventRecord>(&self.db, &keys::event(seq))? else { continue };
-            let mut prefix = vec![keys::DELIVERY];
-            prefix.extend_from_slice(&seq.to_be_bytes());
-            let deliveries: Vec<(DeliveryKey, DeliveryRecord)> = self
-                .db
-                .scan_prefix(prefix)
-                .map(|kv| {
-                    let (k, _) = kv?;
-                    let record = p.decode(&self.db, &k)?.expect("scanned key exists");
-                    Ok((keys::parse_delivery(&k), record))
-                })
-                .collect::<Result<_, StoreError>>()?;
+            let mut deliveries = Vec::with_capacity(event.webhooks.len());
+            for &webhook in &event.webhooks {
+                let key = DeliveryKey { seq, webhook };
+                if let Some(d) = p.decode::<DeliveryRecord>(&self.db, &keys::delivery(key))? {
+                    deliveries.push((key, d));
+                }
+            }
             if !deliveries.iter().all(|(_, d)| d.status.is_final()) {
                 continue;
             }
             for (key, d) in deliveries {
                 p.remove(&keys::delivery(key));
-                p.remove(&keys::by_webhook(key));
                 self.update_stats(p, &key.webhook, |s| s.moved(Some(d.status), None))?;
             }
             if seq_in_event_id(&event.event_id) != Some(seq) {

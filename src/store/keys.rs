@@ -5,11 +5,11 @@
 //! |---|---|
 //! | `E seq` | event |
 //! | `I event_id` | seq, for ids the application chose (the only key led by a random id: kept small) |
-//! | `D seq webhook` | delivery |
+//! | `D webhook seq` | delivery (so a webhook's deliveries sort by time; an event's are found through its record) |
 //! | `Q due_ms seq webhook` | nothing: the due index |
-//! | `X webhook seq` | nothing: a webhook's deliveries, by time |
 //! | `W webhook` | the webhook's stats |
 //! | `Z seq webhook` | due time: a delivery set aside because it could not be read |
+//! | `V` | the layout version of all of the above |
 
 use uuid::Uuid;
 
@@ -19,9 +19,12 @@ pub const EVENT: u8 = b'E';
 pub const INDEX: u8 = b'I';
 pub const DELIVERY: u8 = b'D';
 pub const DUE: u8 = b'Q';
-pub const BY_WEBHOOK: u8 = b'X';
 pub const STATS: u8 = b'W';
 pub const SET_ASIDE: u8 = b'Z';
+pub const LAYOUT: [u8; 1] = [b'V'];
+/// Bump when keys or records change shape; a database of another layout is
+/// refused at open rather than misread.
+pub const LAYOUT_VERSION: u8 = 2;
 
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -45,13 +48,13 @@ pub fn index(event_id: &Uuid) -> [u8; 17] {
 
 pub fn delivery(d: DeliveryKey) -> [u8; 25] {
     let mut k = [DELIVERY; 25];
-    k[1..9].copy_from_slice(&d.seq.to_be_bytes());
-    k[9..].copy_from_slice(d.webhook.as_bytes());
+    k[1..17].copy_from_slice(d.webhook.as_bytes());
+    k[17..].copy_from_slice(&d.seq.to_be_bytes());
     k
 }
 
 pub fn parse_delivery(k: &[u8]) -> DeliveryKey {
-    DeliveryKey { seq: u64_at(k, 1), webhook: uuid_at(k, 9) }
+    DeliveryKey { webhook: uuid_at(k, 1), seq: u64_at(k, 17) }
 }
 
 pub fn due(d: Due) -> [u8; 33] {
@@ -66,20 +69,10 @@ pub fn parse_due(k: &[u8]) -> Due {
     Due { at_ms: u64_at(k, 1), key: DeliveryKey { seq: u64_at(k, 9), webhook: uuid_at(k, 17) } }
 }
 
-pub fn by_webhook(d: DeliveryKey) -> [u8; 25] {
-    let mut k = [BY_WEBHOOK; 25];
-    k[1..17].copy_from_slice(d.webhook.as_bytes());
-    k[17..].copy_from_slice(&d.seq.to_be_bytes());
-    k
-}
-
-pub fn parse_by_webhook(k: &[u8]) -> DeliveryKey {
-    DeliveryKey { webhook: uuid_at(k, 1), seq: u64_at(k, 17) }
-}
-
 pub fn set_aside(d: DeliveryKey) -> [u8; 25] {
-    let mut k = delivery(d);
-    k[0] = SET_ASIDE;
+    let mut k = [SET_ASIDE; 25];
+    k[1..9].copy_from_slice(&d.seq.to_be_bytes());
+    k[9..].copy_from_slice(d.webhook.as_bytes());
     k
 }
 
@@ -113,15 +106,14 @@ mod tests {
         for d in entries {
             assert_eq!(parse_due(&due(d)), d);
             assert_eq!(parse_delivery(&delivery(d.key)), d.key);
-            assert_eq!(parse_by_webhook(&by_webhook(d.key)), d.key);
         }
     }
 
     #[test]
     fn a_webhooks_deliveries_sort_by_time() {
         let w = Uuid::from_bytes([3; 16]);
-        let older = by_webhook(DeliveryKey { seq: 255, webhook: w });
-        let newer = by_webhook(DeliveryKey { seq: 256, webhook: w });
+        let older = delivery(DeliveryKey { seq: 255, webhook: w });
+        let newer = delivery(DeliveryKey { seq: 256, webhook: w });
         assert!(older < newer);
     }
 }

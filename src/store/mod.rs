@@ -40,6 +40,12 @@ pub enum StoreError {
     DiskFull { free: u64, needed: u64 },
     #[error("storage is shut down")]
     Closed,
+    #[error(
+        "the storage directory {path} holds {found}, but this build reads layout {}; \
+         start it with the build that wrote it, or move the directory aside",
+        keys::LAYOUT_VERSION
+    )]
+    Layout { path: PathBuf, found: String },
 }
 
 /// How to open the store.
@@ -86,6 +92,21 @@ impl Drop for Inner {
     }
 }
 
+/// Marks a new database with this build's layout; refuses one of another.
+fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    let found = match db.get(keys::LAYOUT)? {
+        Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
+        Some(v) => format!("layout {}", v.first().copied().unwrap_or(0)),
+        None if db.is_empty() => {
+            db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
+            db.flush()?;
+            return Ok(());
+        }
+        None => "data of an earlier development build (layout 1)".into(),
+    };
+    Err(StoreError::Layout { path: path.to_owned(), found })
+}
+
 /// One page of a webhook's deliveries, newest first.
 pub struct Page {
     pub deliveries: Vec<(DeliveryKey, DeliveryRecord)>,
@@ -106,6 +127,7 @@ impl Store {
                 e => StoreError::Unavailable(format!("cannot open {}: {e}", path.display())),
             },
         )?;
+        check_layout(&db, path)?;
         // sled's flush uses sync_file_range, which neither empties the disk's
         // write cache nor persists the file size: fdatasync this file after it.
         let data_file = File::open(path.join("db"))?;
@@ -229,16 +251,16 @@ impl Store {
 
     /// Every delivery of one event, in webhook-id order.
     pub fn deliveries(&self, seq: u64) -> Result<Vec<(DeliveryKey, DeliveryRecord)>, StoreError> {
-        let mut prefix = vec![keys::DELIVERY];
-        prefix.extend_from_slice(&seq.to_be_bytes());
-        self.inner
-            .db
-            .scan_prefix(prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((keys::parse_delivery(&k), codec::decode(&k, &v)?))
-            })
-            .collect()
+        let Some(event) = self.event(seq)? else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(event.webhooks.len());
+        for webhook in event.webhooks {
+            let key = DeliveryKey { seq, webhook };
+            if let Some(d) = self.delivery(key)? {
+                out.push((key, d));
+            }
+        }
+        out.sort_by_key(|(k, _)| k.webhook);
+        Ok(out)
     }
 
     /// A webhook's deliveries of events stored before sequence `before`
@@ -250,12 +272,12 @@ impl Store {
         status: Option<Status>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let start = keys::by_webhook(DeliveryKey { seq: 0, webhook });
-        let end = keys::by_webhook(DeliveryKey { seq: before.unwrap_or(u64::MAX), webhook });
+        let start = keys::delivery(DeliveryKey { seq: 0, webhook });
+        let end = keys::delivery(DeliveryKey { seq: before.unwrap_or(u64::MAX), webhook });
         let mut deliveries = Vec::new();
-        for k in self.inner.db.range(start..end).keys().rev() {
-            let key = keys::parse_by_webhook(&k?);
-            let Some(record) = self.delivery(key)? else { continue };
+        for kv in self.inner.db.range(start..end).rev() {
+            let (k, v) = kv?;
+            let (key, record): (_, DeliveryRecord) = (keys::parse_delivery(&k), codec::decode(&k, &v)?);
             if status.is_none_or(|s| s == record.status) {
                 if deliveries.len() == limit {
                     return Ok(Page {
@@ -275,9 +297,9 @@ impl Store {
         webhook: Uuid,
         since_seq: u64,
     ) -> Result<Vec<DeliveryKey>, StoreError> {
-        let start = keys::by_webhook(DeliveryKey { seq: since_seq, webhook });
-        let end = keys::by_webhook(DeliveryKey { seq: u64::MAX, webhook });
-        self.inner.db.range(start..end).keys().map(|k| Ok(keys::parse_by_webhook(&k?))).collect()
+        let start = keys::delivery(DeliveryKey { seq: since_seq, webhook });
+        let end = keys::delivery(DeliveryKey { seq: u64::MAX, webhook });
+        self.inner.db.range(start..end).keys().map(|k| Ok(keys::parse_delivery(&k?))).collect()
     }
 
     /// Every delivery waiting for an attempt whose webhook `wanted` selects.
@@ -386,6 +408,7 @@ mod tests {
             timestamp_given: ts.is_some(),
             test: false,
             data: data.into(),
+            webhooks: Vec::new(),
         }
     }
 
@@ -399,8 +422,11 @@ mod tests {
 
     fn new(id: u8, data: &str, webhooks: &[Uuid]) -> NewEvent {
         NewEvent {
-            record: EventRecord { event_id: Uuid::from_bytes([id; 16]), ..record(data, None) },
-            webhooks: webhooks.to_vec(),
+            record: EventRecord {
+                event_id: Uuid::from_bytes([id; 16]),
+                webhooks: webhooks.to_vec(),
+                ..record(data, None)
+            },
             id_given: true,
         }
     }
@@ -409,6 +435,25 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         store.record_then(o, move |r| drop(tx.send(r)));
         rx.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_database_of_another_layout_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), &OPTIONS).unwrap());
+        let reopen = || Store::open(dir.path(), &OPTIONS).map(drop);
+        reopen().expect("its own layout opens");
+        let raw = |f: &dyn Fn(&sled::Db)| f(&sled::open(dir.path()).unwrap());
+        raw(&|db| drop(db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION + 1]).unwrap()));
+        let e = reopen().unwrap_err();
+        assert!(matches!(&e, StoreError::Layout { found, .. } if found == "layout 3"), "{e}");
+        // Data without any marker is an earlier build's: refused, and left as it was.
+        raw(&|db| {
+            db.remove(keys::LAYOUT).unwrap();
+            db.insert(b"D-older", &[1]).unwrap();
+        });
+        assert!(matches!(reopen(), Err(StoreError::Layout { .. })));
+        raw(&|db| assert!(db.get(keys::LAYOUT).unwrap().is_none() && db.len() == 1));
     }
 
     #[tokio::test]
@@ -467,11 +512,8 @@ mod tests {
         assert_eq!(store.event(seq).unwrap().unwrap().event_id, event_id);
         assert!(store.inner.db.get(keys::index(&event_id)).unwrap().is_none(), "no index entry");
         // The application may send that id back: the same content is the same event.
-        let again = |data: &str| NewEvent {
-            record: EventRecord { event_id, ..record(data, None) },
-            webhooks: vec![],
-            id_given: true,
-        };
+        let again =
+            |data: &str| NewEvent { record: EventRecord { event_id, ..record(data, None) }, id_given: true };
         assert!(matches!(store.ingest(again(r#"{"a":1}"#)).await.unwrap(), Ingested::Duplicate));
         assert!(matches!(store.ingest(again(r#"{"a":2}"#)).await.unwrap(), Ingested::Conflict));
         // A look-alike id that no event carries is found nowhere.

@@ -16,6 +16,8 @@ pub struct EventRecord {
     pub test: bool,
     /// The application's `data` object, as the bytes it sent.
     pub data: String,
+    /// The webhooks it fans out to: the keys of its deliveries.
+    pub webhooks: Vec<Uuid>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,7 +188,6 @@ pub fn first_seq_at(ms: i64) -> u64 {
 /// A new event and the webhooks it fans out to.
 pub struct NewEvent {
     pub record: EventRecord,
-    pub webhooks: Vec<Uuid>,
     /// Whether the application chose `record.event_id`; if not, the store
     /// replaces it with one derived from the event's sequence number.
     pub id_given: bool,
