@@ -10,7 +10,7 @@
 //! index until its outcome is recorded, so one in flight when the process
 //! dies is attempted again after restart (at-least-once).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Policy, Queue, Refill};
 use crate::sign;
-use crate::store::{Attempt, DeliveryKey, Due, Outcome, Status, Store};
+use crate::store::{Attempt, DeliveryKey, Due, EventRecord, Outcome, Status, Store};
 
 /// How far ahead due entries are held in memory.
 const WINDOW: Duration = Duration::from_secs(30);
@@ -36,7 +36,8 @@ const CAPACITY: usize = 50_000;
 const STORE_RETRY_MS: u64 = 1_000;
 
 enum Msg {
-    Scheduled(Vec<Due>),
+    /// New due entries; with the event when they are its first deliveries.
+    Scheduled(Vec<Due>, Option<Arc<EventRecord>>),
     /// The HTTP attempt is over; its outcome is on its way to disk.
     Attempted(DeliveryKey),
     /// The outcome is stored (or the delivery was skipped).
@@ -52,9 +53,19 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// `due` was just stored; attempt it when its time comes.
     pub fn scheduled(&self, due: Vec<Due>) {
+        self.send(Msg::Scheduled(due, None));
+    }
+
+    /// `event` and its deliveries `due` were just stored. Must be called from
+    /// the store's answer to the ingest (see [`Fresh`]).
+    pub fn ingested(&self, event: Arc<EventRecord>, due: Vec<Due>) {
+        self.send(Msg::Scheduled(due, Some(event)));
+    }
+
+    fn send(&self, msg: Msg) {
         // A closed channel means the engine is stopping; the entries are
         // stored and will be picked up at the next start.
-        let _ = self.tx.send(Msg::Scheduled(due));
+        let _ = self.tx.send(msg);
     }
 }
 
@@ -103,8 +114,8 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
             thread::Builder::new()
                 .name(format!("deliver-{i}"))
                 .spawn(move || {
-                    while let Some(due) = jobs.take() {
-                        w.attempt(due);
+                    while let Some((due, fresh)) = jobs.take() {
+                        w.attempt(due, fresh);
                     }
                 })
                 .expect("spawn delivery worker")
@@ -143,6 +154,7 @@ async fn run(
     // However this task ends, idle workers must wake up and exit.
     let _close = CloseOnDrop(jobs.clone());
     let mut queue = Queue::new(WINDOW, CAPACITY, per_webhook);
+    let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
     loop {
         let now = clock::now_ms() as u64;
@@ -154,7 +166,7 @@ async fn run(
         }
         while queue.in_flight() < max_in_flight {
             let Some(due) = queue.pop_due(now) else { break };
-            jobs.give(due);
+            jobs.give((due, fresh.0.remove(&due.key)));
         }
         let mut wake = queue.next_wake(queue.in_flight() < max_in_flight);
         if store_failing_until > now {
@@ -165,13 +177,41 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                handle(&mut queue, msg);
+                handle(&mut queue, &mut fresh, msg);
                 while let Ok(msg) = rx.try_recv() {
-                    handle(&mut queue, msg);
+                    handle(&mut queue, &mut fresh, msg);
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
             _ = shutdown.notified() => return,
+        }
+    }
+}
+
+/// A job: a due entry, and its event if this is the delivery's first attempt.
+type Job = (Due, Option<Arc<EventRecord>>);
+
+/// Events of deliveries not attempted yet, so that a first attempt need not
+/// read back what ingest just wrote (sled reads wait while the committer
+/// applies a batch: two per attempt were a good part of the delivery
+/// threads' context switches). Such a delivery is `pending` with no
+/// attempts, and stays so until its first attempt, which only the entry's
+/// first pop makes: an entry is added only when the queue takes the key (not
+/// while it is in flight), and ingest announces its deliveries from the
+/// store's answer, on the thread that later answers their outcomes, so no
+/// outcome of a delivery can arrive before its announcement. A delivery
+/// cancelled meanwhile is caught by the webhook check at attempt time.
+/// Bounded: beyond `FRESH_MAX` the oldest fall back to reading the store.
+#[derive(Default)]
+struct Fresh(BTreeMap<DeliveryKey, Arc<EventRecord>>);
+
+const FRESH_MAX: usize = 8192;
+
+impl Fresh {
+    fn put(&mut self, key: DeliveryKey, event: &Arc<EventRecord>) {
+        self.0.insert(key, event.clone());
+        if self.0.len() > FRESH_MAX {
+            self.0.pop_first();
         }
     }
 }
@@ -181,22 +221,22 @@ async fn run(
 /// yielding the CPU back and forth, a third of the delivery threads' time.
 #[derive(Default)]
 struct Jobs {
-    queue: Mutex<(VecDeque<Due>, bool)>,
+    queue: Mutex<(VecDeque<Job>, bool)>,
     ready: Condvar,
 }
 
 impl Jobs {
-    fn give(&self, due: Due) {
-        self.queue.lock().expect("jobs lock").0.push_back(due);
+    fn give(&self, job: Job) {
+        self.queue.lock().expect("jobs lock").0.push_back(job);
         self.ready.notify_one();
     }
 
     /// The next job; `None` once the queue is closed and empty.
-    fn take(&self) -> Option<Due> {
+    fn take(&self) -> Option<Job> {
         let mut q = self.queue.lock().expect("jobs lock");
         loop {
-            if let Some(due) = q.0.pop_front() {
-                return Some(due);
+            if let Some(job) = q.0.pop_front() {
+                return Some(job);
             }
             if q.1 {
                 return None;
@@ -215,9 +255,17 @@ impl Drop for CloseOnDrop {
     }
 }
 
-fn handle(queue: &mut Queue, msg: Msg) {
+fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) {
     match msg {
-        Msg::Scheduled(due) => due.into_iter().for_each(|d| queue.insert(d)),
+        Msg::Scheduled(due, event) => {
+            for d in due {
+                if queue.insert(d) {
+                    if let Some(e) = &event {
+                        fresh.put(d.key, e);
+                    }
+                }
+            }
+        }
         Msg::Attempted(key) => queue.attempted(key),
         Msg::Finished(key, next) => queue.finished(key, next),
     }
@@ -252,9 +300,10 @@ impl Worker {
         (config, self.sender.as_ref().expect("just set").1.clone())
     }
 
-    /// Makes one attempt of `key` (or cancels it) and records the outcome;
-    /// the dispatcher hears of it once it is stored.
-    fn attempt(&mut self, due: Due) {
+    /// The event of a due delivery and the attempts made in its current
+    /// round, or `None` if it is not to be attempted now (the dispatcher has
+    /// been told).
+    fn load(&mut self, due: Due) -> Option<(Arc<EventRecord>, usize)> {
         let key = due.key;
         let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
@@ -265,20 +314,31 @@ impl Worker {
                 tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, webhook_id = %key.webhook, "cannot load a due delivery; setting it aside");
                 let done = self.done.clone();
                 self.store.set_aside(due, move |_| drop(done.send(Msg::Finished(key, None))));
-                return;
+                return None;
             }
         };
         // A stale entry (the delivery finished, or its retry is now due
         // later than this entry says) must not cause an early attempt.
         if !matches!(delivery.status, Status::Pending | Status::Retrying) {
             let _ = self.done.send(Msg::Finished(key, None));
-            return;
+            return None;
         }
         let stored_next = delivery.next_attempt_at.map(|at| Due { at_ms: at.max(0) as u64, key });
         if stored_next.is_some_and(|next| next.at_ms > due.at_ms) {
             let _ = self.done.send(Msg::Finished(key, stored_next));
-            return;
+            return None;
         }
+        Some((Arc::new(event), delivery.attempts_in_round()))
+    }
+
+    /// Makes one attempt of `due` (or cancels it) and records the outcome;
+    /// the dispatcher hears of it once it is stored. `fresh`: its event, if
+    /// this is the delivery's first attempt.
+    fn attempt(&mut self, due: Due, fresh: Option<Arc<EventRecord>>) {
+        let key = due.key;
+        let Some((event, attempts_in_round)) = fresh.map(|e| (e, 0)).or_else(|| self.load(due)) else {
+            return;
+        };
         let (config, sender) = self.current();
         let (attempt, status, next_attempt_at) = match config.webhook(&key.webhook).filter(|w| w.enabled) {
             None => {
@@ -334,7 +394,7 @@ impl Worker {
                 };
                 let (status, next) = schedule::after_attempt(
                     answer.class == Class::Success,
-                    delivery.attempts_in_round(),
+                    attempts_in_round,
                     &policy,
                     answer.retry_after,
                     started_at_ms + duration_ms as i64,

@@ -82,11 +82,13 @@ impl Queue {
     }
 
     /// A due entry was just stored (a new delivery or a retry).
-    pub fn insert(&mut self, d: Due) {
+    /// Takes a due entry; `false` if its delivery is in flight (and so the
+    /// entry was ignored).
+    pub fn insert(&mut self, d: Due) -> bool {
         // A window read may already have loaded it (the store shows a batch
         // before its sync answers), and it may even be in flight by now.
         if self.in_flight.contains(&d.key) {
-            return;
+            return false;
         }
         if d < self.cursor {
             self.ready.insert(d);
@@ -94,6 +96,7 @@ impl Queue {
         } else {
             self.note_beyond(d.at_ms);
         }
+        true
     }
 
     fn note_beyond(&mut self, at_ms: u64) {
@@ -443,7 +446,9 @@ mod tests {
         let mut q = Queue::new(Duration::from_secs(30), 100, 10);
         index.serve(&mut q, 10);
         let k = q.pop_key(10).unwrap();
-        q.insert(due(5, 1)); // the ingest's own notice, after the window read
+        // The ingest's own notice, after the window read: refused, so the
+        // dispatcher does not take it for a delivery never attempted.
+        assert!(!q.insert(due(5, 1)));
         assert_eq!(q.pop_key(10), None, "{k:?} handed out twice");
     }
 

@@ -8,12 +8,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{delivery_json, enabled, parse_id, requeue, ApiError, AppState};
 use crate::clock;
 use crate::event::{self, EventType, IngestError};
-use crate::store::{EventRecord, Ingested, NewEvent, Status};
+use crate::store::{EventRecord, Ingested, NewEvent, Status, StoreError};
 
 /// `POST /v1/events`.
 pub async fn ingest(
@@ -38,10 +39,19 @@ pub async fn ingest(
 
 async fn store_event(state: &AppState, event: NewEvent) -> Result<Response, ApiError> {
     let (event_id, event_type) = (event.record.event_id, event.record.event_type);
-    match state.store.ingest(event).await? {
-        Ingested::Accepted { event_id, due } => {
-            let deliveries = due.len();
-            state.dispatcher.scheduled(due);
+    let (tx, rx) = oneshot::channel();
+    let dispatcher = state.dispatcher.clone();
+    state.store.ingest_then(event, move |r| {
+        // Announced from the store's answer, not from this task: see
+        // dispatch's `Fresh` for why the order matters.
+        if let Ok(Ingested::Accepted { event, due }) = &r {
+            dispatcher.ingested(event.clone(), due.clone());
+        }
+        let _ = tx.send(r);
+    });
+    match rx.await.map_err(|_| StoreError::Closed)?? {
+        Ingested::Accepted { event, due } => {
+            let (event_id, deliveries) = (event.event_id, due.len());
             state.metrics.event_accepted(event_type);
             Ok((StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "deliveries": deliveries })))
                 .into_response())

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use uuid::Uuid;
 
@@ -223,7 +223,7 @@ impl Committer {
             due.push(d);
             self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
         }
-        Ok(Ingested::Accepted { event_id: record.event_id, due })
+        Ok(Ingested::Accepted { event: Arc::new(record), due })
     }
 
     /// The stored event with this id, whichever way it is found: through its

@@ -169,11 +169,30 @@ impl Store {
     }
 
     /// Stores an event and its deliveries; answers once they are on disk.
+    #[cfg(test)]
     pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        match self.call(Op::Ingest(event)).await? {
-            Reply::Ingested(i) => Ok(i),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        let (tx, rx) = oneshot::channel();
+        self.ingest_then(event, move |r| drop(tx.send(r)));
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Like [`Store::ingest`], but `then` is called (on the committer's
+    /// side, so it must be quick) in the order answers are given: before the
+    /// answer to anything written after this event's batch.
+    pub fn ingest_then(
+        &self,
+        event: NewEvent,
+        then: impl FnOnce(Result<Ingested, StoreError>) + Send + 'static,
+    ) {
+        self.send(
+            Op::Ingest(event),
+            Box::new(move |r| {
+                then(r.map(|reply| match reply {
+                    Reply::Ingested(i) => i,
+                    _ => unreachable!("the committer answers each op in kind"),
+                }))
+            }),
+        );
     }
 
     /// Records an attempt's outcome without waiting: `then` is called (on the
@@ -507,7 +526,8 @@ mod tests {
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let mut event = new(0, r#"{"a":1}"#, &[]);
         event.id_given = false;
-        let Ingested::Accepted { event_id, .. } = store.ingest(event).await.unwrap() else { panic!() };
+        let Ingested::Accepted { event, .. } = store.ingest(event).await.unwrap() else { panic!() };
+        let event_id = event.event_id;
         let seq = store.find_event(&event_id).unwrap().expect("found by its own id");
         assert_eq!(store.event(seq).unwrap().unwrap().event_id, event_id);
         assert!(store.inner.db.get(keys::index(&event_id)).unwrap().is_none(), "no index entry");

@@ -1,5 +1,7 @@
 //! The stored records and the values passed to and from the committer.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -195,8 +197,8 @@ pub struct NewEvent {
 
 #[derive(Debug)]
 pub enum Ingested {
-    /// Stored now, under this id; these deliveries are due.
-    Accepted { event_id: Uuid, due: Vec<Due> },
+    /// Stored now (with its final event_id); these deliveries are due.
+    Accepted { event: Arc<EventRecord>, due: Vec<Due> },
     /// The same event_id with the same content was stored before.
     Duplicate,
     /// The same event_id with different content was stored before.
