@@ -28,7 +28,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SCHEDULE: [Duration; 3] =
     [Duration::from_secs(60), Duration::from_secs(300), Duration::from_secs(1800)];
 const DEFAULT_WORKERS: u64 = 64;
-const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
+const DEFAULT_CACHE: u64 = 16 * 1024 * 1024;
 /// Where the API token comes from when the file names none.
 pub const TOKEN_ENV: &str = "NEXOR_WEBHOOKD_API_TOKEN";
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
