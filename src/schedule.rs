@@ -81,9 +81,8 @@ impl Queue {
         }
     }
 
-    /// A due entry was just stored (a new delivery or a retry).
-    /// Takes a due entry; `false` if its delivery is in flight (and so the
-    /// entry was ignored).
+    /// A due entry was just stored (a new delivery or a retry); `false` if
+    /// its delivery is in flight (and so the entry was ignored).
     pub fn insert(&mut self, d: Due) -> bool {
         // A window read may already have loaded it (the store shows a batch
         // before its sync answers), and it may even be in flight by now.

@@ -8,7 +8,7 @@
 //! | `D webhook seq` | delivery (so a webhook's deliveries sort by time; an event's are found through its record) |
 //! | `Q due_ms seq webhook` | nothing: the due index |
 //! | `W webhook` | the webhook's stats |
-//! | `Z seq webhook` | due time: a delivery set aside because it could not be read |
+//! | `Z webhook seq` | due time: a delivery set aside because it could not be read |
 //! | `V` | the layout version of all of the above |
 
 use uuid::Uuid;
@@ -70,9 +70,8 @@ pub fn parse_due(k: &[u8]) -> Due {
 }
 
 pub fn set_aside(d: DeliveryKey) -> [u8; 25] {
-    let mut k = [SET_ASIDE; 25];
-    k[1..9].copy_from_slice(&d.seq.to_be_bytes());
-    k[9..].copy_from_slice(d.webhook.as_bytes());
+    let mut k = delivery(d);
+    k[0] = SET_ASIDE;
     k
 }
 
