@@ -487,6 +487,8 @@ struct Run {
     threads_cpu: Vec<(String, Cpu)>,
     /// This process's CPU (clients and receiver) over the same time.
     bench_cpu: Cpu,
+    /// The whole machine over the same time: how busy, how many switches.
+    machine: Machine,
     wall_s: f64,
     proc: ProcStats,
     /// Whether every expected arrival came before the stall limit.
@@ -523,6 +525,7 @@ fn measure_sampled(
     let per_event = |m: Mode| hooks.iter().filter(|h| h.mode == m).count() as u64;
     let before = d.proc()?;
     let bench_before = proc_stats(std::process::id())?.cpu;
+    let machine_before = Machine::read()?;
     eprintln!("{}: {clients} clients posting {plan}", d.name);
     let load = match sampler {
         None => generate(&d.events_url(), clients, plan, &b.body, 202, None),
@@ -534,6 +537,7 @@ fn measure_sampled(
     let complete = b.receiver.wait(want, b.args.stall);
     let after = d.proc()?;
     let bench_cpu = proc_stats(std::process::id())?.cpu.since(bench_before);
+    let machine = Machine::read()?.since(machine_before);
     let tally = b.receiver.take();
 
     let acked_ids: HashSet<Uuid> = load.acked.iter().copied().collect();
@@ -560,6 +564,7 @@ fn measure_sampled(
         cpu: after.cpu.since(before.cpu),
         threads_cpu: after.threads_since(&before),
         bench_cpu,
+        machine,
         wall_s: (end_ns - load.start_ns) as f64 / 1e9,
         proc: after,
         complete,
@@ -662,6 +667,16 @@ fn report_run(r: &mut Report, p: &str, title: &str, run: &Run) {
         .collect();
     r.say(format!("  daemon CPU by thread: {}", listed.join(", ")));
     r.say(format!("  load generator and receiver (this process): {:.0}% of one core", pct(run.bench_cpu)));
+    // Whether there was idle time left to use: the daemon and this process
+    // are not all (softirq work on loopback is charged to no thread).
+    let m = run.machine;
+    let busy_pct = 100.0 * m.busy as f64 / m.total.max(1) as f64;
+    let switches = m.switches as f64 / run.acked.max(1) as f64;
+    r.set(&k("machine_busy_pct"), round(busy_pct, 1));
+    r.set(&k("switches_per_event"), round(switches, 1));
+    r.say(format!(
+        "  machine: {busy_pct:.0}% of all cores busy, {switches:.1} context switches per acknowledged event"
+    ));
 }
 
 /// Stops the daemon and reports what is only known once it is down: how the
@@ -1287,6 +1302,45 @@ fn stat_cpu(path: &str) -> Result<(String, Cpu)> {
         Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()? as f64 / hz)
     };
     Ok((name, Cpu { user: secs(11)?, sys: secs(12)? }))
+}
+
+/// Whole-machine counters from `/proc/stat`: CPU ticks (all cores) busy and
+/// in all, and context switches.
+#[derive(Clone, Copy, Default)]
+struct Machine {
+    busy: u64,
+    total: u64,
+    switches: u64,
+}
+
+impl Machine {
+    fn read() -> Result<Machine> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let mut m = Machine::default();
+        for line in stat.lines() {
+            let mut fields = line.split_whitespace();
+            match fields.next() {
+                Some("cpu") => {
+                    // user nice system idle iowait irq softirq steal
+                    let t: Vec<u64> = fields.take(8).map(str::parse).collect::<Result<_, _>>()?;
+                    let idle = t.get(3).zip(t.get(4)).context("short cpu line in /proc/stat")?;
+                    m.total = t.iter().sum();
+                    m.busy = m.total - idle.0 - idle.1;
+                }
+                Some("ctxt") => m.switches = fields.next().context("short ctxt line")?.parse()?,
+                _ => {}
+            }
+        }
+        Ok(m)
+    }
+
+    fn since(self, before: Machine) -> Machine {
+        Machine {
+            busy: self.busy - before.busy,
+            total: self.total - before.total,
+            switches: self.switches - before.switches,
+        }
+    }
 }
 
 /// Bytes allocated on disk under `dir` (not apparent sizes: sled's files can
