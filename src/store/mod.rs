@@ -15,9 +15,11 @@ mod keys;
 mod records;
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -79,16 +81,46 @@ struct Inner {
     // Options only so that Drop can close the channel and then join.
     requests: Option<mpsc::Sender<Request>>,
     committer: Option<thread::JoinHandle<()>>,
+    /// Declared last, so that it is dropped after `db`.
+    _unlocked: WaitForUnlock,
 }
 
 impl Drop for Inner {
     /// The last handle gone: let the committer finish what it holds, so the
-    /// database is closed (and its lock released) when this returns.
+    /// database is closed (and, once the fields are dropped, its lock
+    /// released) when this returns.
     fn drop(&mut self) {
         drop(self.requests.take());
         if let Some(c) = self.committer.take() {
             let _ = c.join();
         }
+    }
+}
+
+/// How long a dropped store waits for sled to let go of its lock.
+const UNLOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits, when dropped, until sled has let go of the directory's lock. sled's
+/// IO threads can hold its data file, and with it the lock, for a moment
+/// after the last handle is gone, so a store reopened at once (the tests do)
+/// could find it locked. `flock` on a descriptor of our own for that file
+/// succeeds once sled's is closed.
+struct WaitForUnlock(File);
+
+impl Drop for WaitForUnlock {
+    fn drop(&mut self) {
+        let fd = self.0.as_raw_fd();
+        let deadline = Instant::now() + UNLOCK_WAIT;
+        // SAFETY: `fd` stays open as long as `self.0`, and flock has no other
+        // preconditions.
+        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if Instant::now() >= deadline {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
     }
 }
 
@@ -146,7 +178,14 @@ impl Store {
         let sync_file = data_file.try_clone()?;
         let committer =
             thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx, sync_file))?;
-        let inner = Inner { db, data_file, requests: Some(requests), committer: Some(committer) };
+        let unlocked = WaitForUnlock(data_file.try_clone()?);
+        let inner = Inner {
+            db,
+            data_file,
+            requests: Some(requests),
+            committer: Some(committer),
+            _unlocked: unlocked,
+        };
         Ok(Store { inner: Arc::new(inner) })
     }
 
