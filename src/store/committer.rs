@@ -4,7 +4,8 @@
 //! before that flush began (group commit, pipelined: the next batch is built
 //! while the previous one syncs). Being the only writer, the committer also
 //! owns sequence numbering, the `event_id` uniqueness check and the
-//! read-modify-write of deliveries and webhook stats, all without locks.
+//! read-modify-write of deliveries, webhook stats and the per-second counts
+//! of the due index, all without locks.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -62,6 +63,9 @@ pub struct Committer {
     pub min_free: u64,
     /// Every webhook's stats, loaded on first use and written with each batch.
     pub stats: HashMap<Uuid, WebhookStats>,
+    /// Due-index entries per second of due time, loaded on first use and
+    /// written with each batch; a second is forgotten once it holds none.
+    pub due_counts: HashMap<u64, u64>,
 }
 
 /// Writes of one batch, readable before they are applied so that later
@@ -71,6 +75,8 @@ struct Pending {
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Webhooks whose stats changed in this batch.
     stats: HashSet<Uuid>,
+    /// Seconds whose due count changed in this batch.
+    due_counts: HashSet<u64>,
 }
 
 impl Pending {
@@ -148,6 +154,12 @@ impl Committer {
         for w in &p.stats {
             batch.insert(&keys::stats(w)[..], codec::encode(&self.stats[w]));
         }
+        for second in &p.due_counts {
+            match self.due_counts[second] {
+                0 => batch.remove(&keys::due_count(*second)[..]),
+                n => batch.insert(&keys::due_count(*second)[..], &n.to_be_bytes()[..]),
+            }
+        }
         for (k, v) in p.overlay {
             match v {
                 Some(v) => batch.insert(k, v),
@@ -163,8 +175,12 @@ impl Committer {
             for w in &p.stats {
                 self.stats.remove(w);
             }
+            for second in &p.due_counts {
+                self.due_counts.remove(second);
+            }
             return answers.into_iter().map(|(_, reply)| (Err(e.clone()), reply)).collect();
         }
+        self.due_counts.retain(|_, n| *n > 0);
         answers
     }
 
@@ -176,7 +192,10 @@ impl Committer {
             Op::Cancel(keys) => self.cancel(p, keys).map(Reply::Count),
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Count),
             Op::SetAside(due) => {
-                p.remove(&keys::due(due));
+                // The dispatcher's entry may be stale (gone from the index).
+                if p.get(&self.db, &keys::due(due))?.is_some() {
+                    self.remove_due(p, due)?;
+                }
                 p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
                 Ok(Reply::Count(1))
             }
@@ -219,7 +238,7 @@ impl Committer {
             };
             p.insert(&keys::delivery(key), codec::encode(&record));
             let d = Due { at_ms: now.max(0) as u64, key };
-            p.insert(&keys::due(d), Vec::new());
+            self.add_due(p, d)?;
             due.push(d);
             self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
         }
@@ -352,12 +371,12 @@ impl Committer {
             return Ok(false);
         }
         if old_next != record.next_attempt_at {
-            let due = |at: i64| keys::due(Due { at_ms: at.max(0) as u64, key });
+            let due = |at: i64| Due { at_ms: at.max(0) as u64, key };
             if let Some(at) = old_next {
-                p.remove(&due(at));
+                self.remove_due(p, due(at))?;
             }
             if let Some(at) = record.next_attempt_at {
-                p.insert(&due(at), Vec::new());
+                self.add_due(p, due(at))?;
             }
         }
         p.insert(&dkey, codec::encode(&record));
@@ -365,6 +384,31 @@ impl Committer {
             self.update_stats(p, &key.webhook, |s| s.moved(Some(old_status), Some(record.status)))?;
         }
         Ok(true)
+    }
+
+    /// Adds `d` to the due index (and to its second's count).
+    fn add_due(&mut self, p: &mut Pending, d: Due) -> Result<(), StoreError> {
+        p.insert(&keys::due(d), Vec::new());
+        *self.due_count(p, d.at_ms / 1000)? += 1;
+        Ok(())
+    }
+
+    /// Takes `d`, which must be there, out of the due index.
+    fn remove_due(&mut self, p: &mut Pending, d: Due) -> Result<(), StoreError> {
+        p.remove(&keys::due(d));
+        let n = self.due_count(p, d.at_ms / 1000)?;
+        *n = n.saturating_sub(1);
+        Ok(())
+    }
+
+    fn due_count(&mut self, p: &mut Pending, second: u64) -> Result<&mut u64, StoreError> {
+        if !self.due_counts.contains_key(&second) {
+            let key = keys::due_count(second);
+            let stored = self.db.get(key)?.map(|v| keys::count(&key, &v)).transpose()?.unwrap_or(0);
+            self.due_counts.insert(second, stored);
+        }
+        p.due_counts.insert(second);
+        Ok(self.due_counts.get_mut(&second).expect("just loaded"))
     }
 
     fn update_stats(

@@ -7,24 +7,26 @@
 //! | `I event_id` | seq, for ids the application chose (the only key led by a random id: kept small) |
 //! | `D webhook seq` | delivery (so a webhook's deliveries sort by time; an event's are found through its record) |
 //! | `Q due_ms seq webhook` | nothing: the due index |
+//! | `H due_second` | how many `Q` entries fall in that second (so counting what is due costs a second's entries at most) |
 //! | `W webhook` | the webhook's stats |
 //! | `Z webhook seq` | due time: a delivery set aside because it could not be read |
 //! | `V` | the layout version of all of the above |
 
 use uuid::Uuid;
 
-use super::{DeliveryKey, Due};
+use super::{DeliveryKey, Due, StoreError};
 
 pub const EVENT: u8 = b'E';
 pub const INDEX: u8 = b'I';
 pub const DELIVERY: u8 = b'D';
 pub const DUE: u8 = b'Q';
+pub const DUE_COUNT: u8 = b'H';
 pub const STATS: u8 = b'W';
 pub const SET_ASIDE: u8 = b'Z';
 pub const LAYOUT: [u8; 1] = [b'V'];
 /// Bump when keys or records change shape; a database of another layout is
 /// refused at open rather than misread.
-pub const LAYOUT_VERSION: u8 = 2;
+pub const LAYOUT_VERSION: u8 = 3;
 
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -67,6 +69,22 @@ pub fn due(d: Due) -> [u8; 33] {
 
 pub fn parse_due(k: &[u8]) -> Due {
     Due { at_ms: u64_at(k, 1), key: DeliveryKey { seq: u64_at(k, 9), webhook: uuid_at(k, 17) } }
+}
+
+/// The `H` key of a second of due times (`at_ms / 1000`).
+pub fn due_count(second: u64) -> [u8; 9] {
+    let mut k = [DUE_COUNT; 9];
+    k[1..].copy_from_slice(&second.to_be_bytes());
+    k
+}
+
+/// An `H` value.
+pub fn count(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+    let bytes = value.try_into().map_err(|_| StoreError::Corrupt {
+        key: format!("{key:?}"),
+        reason: format!("a count of {} bytes", value.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 pub fn set_aside(d: DeliveryKey) -> [u8; 25] {

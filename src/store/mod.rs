@@ -124,10 +124,12 @@ impl Drop for WaitForUnlock {
     }
 }
 
-/// Marks a new database with this build's layout; refuses one of another.
+/// Marks a new database with this build's layout, brings one of layout 2 up
+/// to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = match db.get(keys::LAYOUT)? {
         Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
+        Some(v) if *v == [2] => return count_due_entries(db),
         Some(v) => format!("layout {}", v.first().copied().unwrap_or(0)),
         None if db.is_empty() => {
             db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
@@ -137,6 +139,22 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
         None => "data of an earlier development build (layout 1)".into(),
     };
     Err(StoreError::Layout { path: path.to_owned(), found })
+}
+
+/// Layout 2 to 3: counts the due index per second (`H` keys), once.
+fn count_due_entries(db: &sled::Db) -> Result<(), StoreError> {
+    let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+    for k in db.scan_prefix([keys::DUE]).keys() {
+        *counts.entry(keys::parse_due(&k?).at_ms / 1000).or_default() += 1;
+    }
+    let mut batch = sled::Batch::default();
+    for (second, n) in counts {
+        batch.insert(&keys::due_count(second)[..], &n.to_be_bytes()[..]);
+    }
+    batch.insert(&keys::LAYOUT[..], &[keys::LAYOUT_VERSION][..]);
+    db.apply_batch(batch)?;
+    db.flush()?;
+    Ok(())
 }
 
 /// One page of a webhook's deliveries, newest first.
@@ -174,6 +192,7 @@ impl Store {
             dir: path.to_owned(),
             min_free: options.min_free_space,
             stats: Default::default(),
+            due_counts: Default::default(),
         };
         let sync_file = data_file.try_clone()?;
         let committer =
@@ -392,11 +411,17 @@ impl Store {
             .collect()
     }
 
-    /// How many due-index entries are due at or before `now_ms`.
+    /// How many due-index entries are due at or before `now_ms`: the counts
+    /// of the seconds before this one, then this second's entries one by one.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
-        let end = keys::due(Due::at(now_ms.saturating_add(1)));
+        let second = now_ms / 1000;
         let mut n = 0;
-        for k in self.inner.db.range(keys::due(Due::at(0))..end).keys() {
+        for kv in self.inner.db.range(keys::due_count(0)..keys::due_count(second)) {
+            let (k, v) = kv?;
+            n += keys::count(&k, &v)?;
+        }
+        let this_second = keys::due(Due::at(second * 1000))..keys::due(Due::at(now_ms.saturating_add(1)));
+        for k in self.inner.db.range(this_second).keys() {
             k?;
             n += 1;
         }
@@ -504,7 +529,8 @@ mod tests {
         let raw = |f: &dyn Fn(&sled::Db)| f(&sled::open(dir.path()).unwrap());
         raw(&|db| drop(db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION + 1]).unwrap()));
         let e = reopen().unwrap_err();
-        assert!(matches!(&e, StoreError::Layout { found, .. } if found == "layout 3"), "{e}");
+        let newer = format!("layout {}", keys::LAYOUT_VERSION + 1);
+        assert!(matches!(&e, StoreError::Layout { found, .. } if *found == newer), "{e}");
         // Data without any marker is an earlier build's: refused, and left as it was.
         raw(&|db| {
             db.remove(keys::LAYOUT).unwrap();
@@ -512,6 +538,62 @@ mod tests {
         });
         assert!(matches!(reopen(), Err(StoreError::Layout { .. })));
         raw(&|db| assert!(db.get(keys::LAYOUT).unwrap().is_none() && db.len() == 1));
+    }
+
+    /// The due index counted entry by entry, as `count_due` did before the
+    /// per-second counts.
+    fn counted(store: &Store, now_ms: u64) -> u64 {
+        let end = keys::due(Due::at(now_ms + 1));
+        store.inner.db.range(keys::due(Due::at(0))..end).count() as u64
+    }
+
+    #[tokio::test]
+    async fn counting_what_is_due_agrees_with_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]), Uuid::from_bytes([3; 16])];
+        let later = 1u64 << 50;
+        let moments = [0, later - 1, later, later + 999, later + 1000, u64::MAX / 2];
+        {
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            let mut due = Vec::new();
+            for id in 1..=3 {
+                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
+                else {
+                    panic!()
+                };
+                due.extend(d);
+            }
+            let now = clock::now_ms() as u64;
+            assert_eq!(store.count_due(now).unwrap(), 9);
+            // One succeeds, two are retried later, one of them twice.
+            let outcome =
+                |d: &Due, status, next| Outcome { key: d.key, attempt: None, status, next_attempt_at: next };
+            record_outcome(&store, outcome(&due[0], Status::Succeeded, None)).await;
+            record_outcome(&store, outcome(&due[1], Status::Retrying, Some(later as i64))).await;
+            record_outcome(&store, outcome(&due[2], Status::Retrying, Some(later as i64 + 5))).await;
+            record_outcome(&store, outcome(&due[2], Status::Retrying, Some(later as i64 + 1500))).await;
+            // Setting aside an entry no longer in the index changes no count.
+            let (tx, rx) = oneshot::channel();
+            store.set_aside(due[0], move |r| drop(tx.send(r)));
+            rx.await.unwrap().unwrap();
+            assert_eq!(store.count_due(now).unwrap(), 6);
+            for t in moments.into_iter().chain([now]) {
+                assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t}");
+            }
+        }
+        // Counts of a layout 2 database (which had none) are made at open.
+        let raw = sled::open(dir.path()).unwrap();
+        for k in raw.scan_prefix([keys::DUE_COUNT]).keys() {
+            raw.remove(k.unwrap()).unwrap();
+        }
+        raw.insert(keys::LAYOUT, &[2]).unwrap();
+        raw.flush().unwrap();
+        drop(raw);
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        for t in moments {
+            assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t} after the upgrade");
+        }
+        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 8);
     }
 
     #[tokio::test]
