@@ -275,6 +275,19 @@ fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
     let answer = post_json(&url)?;
     let call_ms = (now_ns() - start) as f64 / 1e6;
     let requeued = answer["requeued"].as_u64().unwrap_or(0);
+    // A Prometheus scrape while the requeued deliveries wait: its cost must
+    // not grow with them.
+    let start = now_ns();
+    let metrics = get_text(&format!("{}/metrics", d.base))?;
+    let scrape_ms = (now_ns() - start) as f64 / 1e6;
+    let due: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nexor_webhookd_deliveries_due "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no nexor_webhookd_deliveries_due in /metrics")?;
+    r.set("metrics_scrape_ms", round(scrape_ms, 1));
+    r.set("metrics_due", due);
+    r.say(format!("metrics: /metrics answered in {scrape_ms:.0} ms with {due} deliveries due"));
     let complete = b.receiver.wait(run.refused, b.args.stall);
     let cpu = d.proc()?.cpu.since(before.cpu);
     let peak = d.proc()?.peak_rss_bytes;
@@ -1842,13 +1855,25 @@ fn client(
 /// POSTs an empty body and returns the JSON answer; anything but 2xx is an error.
 fn post_json(url: &str) -> Result<Value> {
     // A control call that may work through the whole store before answering.
-    let mut resp = client_agent(Duration::from_secs(600)).post(url).send_empty()?;
+    let text =
+        text_of(&format!("POST {url}"), client_agent(Duration::from_secs(600)).post(url).send_empty())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// GETs `url` and returns the body; anything but 2xx is an error.
+fn get_text(url: &str) -> Result<String> {
+    text_of(&format!("GET {url}"), client_agent(Duration::from_secs(600)).get(url).call())
+}
+
+/// The body of a 2xx answer; anything else is an error naming `what`.
+fn text_of(what: &str, answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<String> {
+    let mut resp = answer?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string()?;
     if !(200..300).contains(&status) {
-        bail!("POST {url}: HTTP {status}: {text}");
+        bail!("{what}: HTTP {status}: {text}");
     }
-    Ok(serde_json::from_str(&text)?)
+    Ok(text)
 }
 
 /// Now, as RFC 3339 UTC.
