@@ -46,8 +46,11 @@ async fn prune_once(store: &Store, retention: Duration) -> Result<usize, StoreEr
     let (mut after, mut deleted) = (0, 0);
     loop {
         let seqs = store.events_between(after, cutoff, BATCH)?;
-        let Some(&last) = seqs.last() else { return Ok(deleted) };
-        after = last;
-        deleted += store.prune(seqs).await?;
+        if seqs.is_empty() {
+            return Ok(deleted);
+        }
+        let pruned = store.prune(seqs).await?;
+        after = pruned.through;
+        deleted += pruned.deleted;
     }
 }

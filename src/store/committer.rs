@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc};
 use uuid::Uuid;
 
 use super::records::*;
-use super::{codec, keys, StoreError};
+use super::{codec, keys, Pruned, StoreError};
 use crate::clock;
 
 /// About how many writes one batch takes before it is applied (the request
@@ -36,7 +36,8 @@ pub enum Op {
     },
     /// Stop these deliveries if they are still waiting for an attempt.
     Cancel(Vec<DeliveryKey>),
-    /// Delete these events, where every delivery of one is final.
+    /// Delete these events, where every delivery of one is final; stops
+    /// early, after a whole event, once it has made a batch's writes.
     Prune(Vec<u64>),
     /// Take this entry out of the due index and note it in the set-aside list.
     SetAside(Due),
@@ -49,7 +50,7 @@ impl Op {
             Op::Ingest(e) => 2 + 2 * e.record.webhooks.len(),
             Op::Record(_) | Op::SetAside(_) => 2,
             Op::Requeue { keys, .. } | Op::Cancel(keys) => 2 * keys.len(),
-            Op::Prune(seqs) => 2 * seqs.len(),
+            Op::Prune(seqs) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
         }
     }
 }
@@ -59,6 +60,7 @@ pub enum Reply {
     Recorded,
     Queued(Vec<Due>),
     Count(usize),
+    Pruned(Pruned),
 }
 
 /// Called once the request's batch is on disk (or failed).
@@ -211,7 +213,7 @@ impl Committer {
             Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
             Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
             Op::Cancel(keys) => self.cancel(p, keys).map(Reply::Count),
-            Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Count),
+            Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),
             Op::SetAside(due) => {
                 // The dispatcher's entry may be stale (gone from the index).
                 if p.get(&self.db, &keys::due(due))?.is_some() {
@@ -349,9 +351,14 @@ impl Committer {
         Ok(n)
     }
 
-    fn prune(&mut self, p: &mut Pending, seqs: Vec<u64>) -> Result<usize, StoreError> {
-        let mut pruned = 0;
+    fn prune(&mut self, p: &mut Pending, seqs: Vec<u64>) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned { deleted: 0, through: 0 };
+        let mut writes = 0;
         for seq in seqs {
+            if writes >= MAX_BATCH_WRITES {
+                break;
+            }
+            pruned.through = seq;
             let Some(event) = p.decode::<EventRecord>(&self.db, &keys::event(seq))? else { continue };
             let mut deliveries = Vec::with_capacity(event.webhooks.len());
             for &webhook in &event.webhooks {
@@ -363,6 +370,7 @@ impl Committer {
             if !deliveries.iter().all(|(_, d)| d.status.is_final()) {
                 continue;
             }
+            writes += 2 + deliveries.len();
             for (key, d) in deliveries {
                 p.remove(&keys::delivery(key));
                 self.update_stats(p, &key.webhook, |s| s.moved(Some(d.status), None))?;
@@ -371,7 +379,7 @@ impl Committer {
                 p.remove(&keys::index(&event.event_id));
             }
             p.remove(&keys::event(seq));
-            pruned += 1;
+            pruned.deleted += 1;
         }
         Ok(pruned)
     }

@@ -157,6 +157,15 @@ fn count_due_entries(db: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What one prune request did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pruned {
+    pub deleted: usize,
+    /// Every given sequence number up to this one was looked at; the rest
+    /// were left for another request (a batch's worth of writes was made).
+    pub through: u64,
+}
+
 /// One page of a webhook's deliveries, newest first.
 pub struct Page {
     pub deliveries: Vec<(DeliveryKey, DeliveryRecord)>,
@@ -288,9 +297,13 @@ impl Store {
         self.count(Op::Cancel(keys)).await
     }
 
-    /// Deletes the events among `seqs` whose deliveries are all final.
-    pub async fn prune(&self, seqs: Vec<u64>) -> Result<usize, StoreError> {
-        self.count(Op::Prune(seqs)).await
+    /// Deletes the events among `seqs` (ascending) whose deliveries are all
+    /// final, as far as one batch's writes go: see [`Pruned::through`].
+    pub async fn prune(&self, seqs: Vec<u64>) -> Result<Pruned, StoreError> {
+        match self.call(Op::Prune(seqs)).await? {
+            Reply::Pruned(p) => Ok(p),
+            _ => unreachable!("the committer answers each op in kind"),
+        }
     }
 
     async fn count(&self, op: Op) -> Result<usize, StoreError> {
@@ -659,7 +672,7 @@ mod tests {
         assert!(matches!(store.ingest(again(r#"{"a":2}"#)).await.unwrap(), Ingested::Conflict));
         // A look-alike id that no event carries is found nowhere.
         assert_eq!(store.find_event(&event_id_for(seq + 1)).unwrap(), None);
-        assert_eq!(store.prune(vec![seq]).await.unwrap(), 1);
+        assert_eq!(store.prune(vec![seq]).await.unwrap(), Pruned { deleted: 1, through: seq });
         assert_eq!(store.find_event(&event_id).unwrap(), None);
     }
 
@@ -729,10 +742,36 @@ mod tests {
 
         // Prune: all final now, so every event goes, and the counts with them.
         let seqs = store.events_between(0, u64::MAX, 100).unwrap();
-        assert_eq!(store.prune(seqs).await.unwrap(), 5);
+        let last = *seqs.last().unwrap();
+        assert_eq!(store.prune(seqs).await.unwrap(), Pruned { deleted: 5, through: last });
         assert!(store.find_event(&Uuid::from_bytes([1; 16])).unwrap().is_none());
         assert!(store.webhook_deliveries(w, None, None, 10).unwrap().deliveries.is_empty());
         let stats = store.webhook_stats(&w).unwrap();
+        assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));
+    }
+
+    #[tokio::test]
+    async fn pruning_stops_after_a_batchs_worth_of_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        // Each event deletes 202 keys: past the 512-write bound after the third.
+        let webhooks: Vec<Uuid> = (0..200u128).map(Uuid::from_u128).collect();
+        let mut keys = Vec::new();
+        for id in 1..=4 {
+            let Ingested::Accepted { due, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap() else {
+                panic!()
+            };
+            keys.extend(due.iter().map(|d| d.key));
+        }
+        assert_eq!(store.cancel(keys).await.unwrap(), 800);
+        let seqs = store.events_between(0, u64::MAX, 100).unwrap();
+        let first = store.prune(seqs.clone()).await.unwrap();
+        assert_eq!(first, Pruned { deleted: 3, through: seqs[2] });
+        let rest = store.events_between(first.through, u64::MAX, 100).unwrap();
+        assert_eq!(rest, seqs[3..]);
+        assert_eq!(store.prune(rest).await.unwrap(), Pruned { deleted: 1, through: seqs[3] });
+        assert!(store.events_between(0, u64::MAX, 100).unwrap().is_empty());
+        let stats = store.webhook_stats(&webhooks[7]).unwrap();
         assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));
     }
 }
