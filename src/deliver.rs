@@ -6,10 +6,14 @@
 //! proxy from the environment, per-phase timeouts (a global timeout makes
 //! ureq resolve on a fresh thread per request), a keep-alive pool, and a
 //! resolver that refuses non-public addresses unless allowed, so the check
-//! applies to the addresses actually dialled.
+//! applies to the addresses actually dialled. ureq resolves the host before
+//! every request, pooled connection or not, so that resolver also keeps
+//! what it allowed for [`RESOLVED_FOR`].
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use ureq::http::Uri;
@@ -96,6 +100,8 @@ impl Sender {
             allow_private: d.allow_private_targets,
             allowed: d.allowed_cidrs.clone(),
             inner: DefaultResolver::default(),
+            keep_for: RESOLVED_FOR,
+            resolved: Mutex::default(),
         };
         Sender { agent: ureq::Agent::with_parts(config, DefaultConnector::default(), resolver), timeout }
     }
@@ -180,7 +186,75 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// Answers every lookup with `answer`, counting them.
+    #[derive(Debug)]
+    struct Counting {
+        lookups: AtomicUsize,
+        answer: SocketAddr,
+    }
+
+    impl Resolver for Counting {
+        fn resolve(
+            &self,
+            _: &Uri,
+            _: &ureq::config::Config,
+            _: NextTimeout,
+        ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+            self.lookups.fetch_add(1, Ordering::Relaxed);
+            let mut addrs = self.empty();
+            addrs.push(self.answer);
+            Ok(addrs)
+        }
+    }
+
+    fn guarded(answer: &str, keep_for: Duration) -> GuardedResolver<Counting> {
+        GuardedResolver {
+            allow_private: false,
+            allowed: Vec::new(),
+            inner: Counting { lookups: AtomicUsize::new(0), answer: answer.parse().unwrap() },
+            keep_for,
+            resolved: Mutex::default(),
+        }
+    }
+
+    fn lookup(r: &GuardedResolver<Counting>, url: &str) -> Result<Vec<SocketAddr>, ureq::Error> {
+        let config = ureq::Agent::config_builder().build();
+        r.resolve(&url.parse().unwrap(), &config, NextTimeout::default()).map(|a| a.to_vec())
+    }
+
+    #[test]
+    fn allowed_addresses_are_kept_for_a_while_refused_ones_never() {
+        let r = guarded("93.184.216.34:443", RESOLVED_FOR);
+        for _ in 0..3 {
+            assert_eq!(
+                lookup(&r, "https://hooks.example/a").unwrap(),
+                ["93.184.216.34:443".parse().unwrap()]
+            );
+        }
+        lookup(&r, "https://hooks.example/other/path").unwrap();
+        assert_eq!(r.inner.lookups.load(Ordering::Relaxed), 1, "one lookup per host");
+        // Another port or scheme is another entry.
+        lookup(&r, "https://hooks.example:8443/a").unwrap();
+        lookup(&r, "http://hooks.example/a").unwrap();
+        assert_eq!(r.inner.lookups.load(Ordering::Relaxed), 3);
+
+        let expired = guarded("93.184.216.34:443", Duration::ZERO);
+        lookup(&expired, "https://hooks.example/").unwrap();
+        lookup(&expired, "https://hooks.example/").unwrap();
+        assert_eq!(expired.inner.lookups.load(Ordering::Relaxed), 2, "asked again once expired");
+
+        // A refusal is checked afresh each time: nothing of it is kept.
+        let private = guarded("10.0.0.1:443", RESOLVED_FOR);
+        for _ in 0..2 {
+            let e = lookup(&private, "https://internal.example/").unwrap_err();
+            assert!(e.to_string().contains("blocked: 10.0.0.1"), "{e}");
+        }
+        assert_eq!(private.inner.lookups.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn retry_after_takes_seconds_or_an_http_date() {
@@ -198,23 +272,40 @@ mod tests {
     }
 }
 
+/// How long a host's allowed addresses are used without asking DNS again.
+/// Without this every attempt waits for a lookup (glibc keeps no cache): a
+/// round trip to the DNS server per delivery, or ~17 µs for a name in
+/// /etc/hosts. A config reload builds new agents, and so an empty cache.
+pub const RESOLVED_FOR: Duration = Duration::from_secs(30);
+
 /// Resolves as usual, then refuses to hand the connector any address that is
 /// not public (unless allowed). Checking here, not on the URL, closes the
-/// DNS-rebinding gap: the connector dials only what this returns.
+/// DNS-rebinding gap: the connector dials only what this returns. Allowed
+/// answers are kept for `keep_for`; refusals and failures are not.
 #[derive(Debug)]
-struct GuardedResolver {
+struct GuardedResolver<R = DefaultResolver> {
     allow_private: bool,
     allowed: Vec<Cidr>,
-    inner: DefaultResolver,
+    inner: R,
+    keep_for: Duration,
+    /// By `scheme://authority`: when resolved, and the addresses.
+    resolved: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
 }
 
-impl Resolver for GuardedResolver {
+impl<R: Resolver> Resolver for GuardedResolver<R> {
     fn resolve(
         &self,
         uri: &Uri,
         config: &ureq::config::Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key =
+            format!("{}://{}", uri.scheme_str().unwrap_or(""), uri.authority().map_or("", |a| a.as_str()));
+        if let Some((at, addrs)) = self.resolved.lock().expect("resolver cache").get(&key) {
+            if at.elapsed() < self.keep_for {
+                return Ok(addrs.clone());
+            }
+        }
         // A failed lookup is an io::Error carrying getaddrinfo's wording; say it plainly.
         let addrs = self.inner.resolve(uri, config, timeout).map_err(|e| match e {
             ureq::Error::Io(_) => ureq::Error::HostNotFound,
@@ -226,6 +317,7 @@ impl Resolver for GuardedResolver {
             let msg = format!("blocked: {ip} is {why}");
             return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)));
         }
+        self.resolved.lock().expect("resolver cache").insert(key, (Instant::now(), addrs.clone()));
         Ok(addrs)
     }
 }
