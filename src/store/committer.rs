@@ -22,9 +22,10 @@ use crate::clock;
 /// that crosses it still goes in). sled keeps every node copy a batch makes
 /// until the batch ends, and the allocator keeps that peak: batches of up to
 /// 4,096 requests, each a 100-webhook event, took RSS to ~700 MB (140 MB
-/// with this bound). Batches at full speed with one webhook hold ~24
-/// requests, ~60 writes, so the bound leaves them be.
-const MAX_BATCH_WRITES: usize = 512;
+/// with a bound of 512). Since batches wait for the syncer (`SYNC_QUEUE`)
+/// they grow bigger under load, and 512 let the 1M backlog's RSS peak at
+/// 153 MB; with 256 it peaked at 130 MB, at the same events/s.
+const MAX_BATCH_WRITES: usize = 256;
 
 pub enum Op {
     Ingest(NewEvent),

@@ -754,8 +754,8 @@ mod tests {
     async fn pruning_stops_after_a_batchs_worth_of_writes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
-        // Each event deletes 202 keys: past the 512-write bound after the third.
-        let webhooks: Vec<Uuid> = (0..200u128).map(Uuid::from_u128).collect();
+        // Each event deletes 102 keys: past the 256-write bound after the third.
+        let webhooks: Vec<Uuid> = (0..100u128).map(Uuid::from_u128).collect();
         let mut keys = Vec::new();
         for id in 1..=4 {
             let Ingested::Accepted { due, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap() else {
@@ -763,7 +763,7 @@ mod tests {
             };
             keys.extend(due.iter().map(|d| d.key));
         }
-        assert_eq!(store.cancel(keys).await.unwrap(), 800);
+        assert_eq!(store.cancel(keys).await.unwrap(), 400);
         let seqs = store.events_between(0, u64::MAX, 100).unwrap();
         let first = store.prune(seqs.clone()).await.unwrap();
         assert_eq!(first, Pruned { deleted: 3, through: seqs[2] });
