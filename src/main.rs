@@ -34,9 +34,10 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 
 // mimalloc: ~9% fewer instructions per event than glibc's malloc, which also
-// stalls in `malloc_consolidate` (callgrind and perf, BENCHMARKS.md). Built
-// without transparent huge pages: with them its arenas took RSS from ~90 MB
-// to ~330 MB under `loadtest --scenario throughput`.
+// stalls in `malloc_consolidate` (callgrind and perf), and ~5% less CPU per
+// event at full speed (BENCHMARKS.md), for ~30 MB more RSS. Built without
+// transparent huge pages: with them its arenas took RSS from ~90 MB to
+// ~330 MB under `loadtest --scenario throughput`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
