@@ -1843,11 +1843,12 @@ async fn client(
         let kind = match answer {
             Ok(Ok((status, answer))) if status == expect => {
                 let done = now_ns();
+                let took_us = (done - sent) / 1000;
                 seen.answered += 1;
-                seen.latency_us.push((done - sent) / 1000);
+                seen.latency_us.push(took_us);
                 if let Some(live) = live {
                     live.acked.fetch_add(1, Ordering::Relaxed);
-                    live.ack_us.lock().unwrap().push((done - sent) / 1000);
+                    live.ack_us.lock().unwrap().push(took_us);
                 }
                 seen.end_ns = done;
                 if let Ok(ack) = serde_json::from_slice::<Ack>(&answer) {
@@ -1856,13 +1857,17 @@ async fn client(
                 continue;
             }
             Ok(Ok((status, _))) => format!("HTTP {status}"),
-            Ok(Err(e)) => e,
-            Err(_) => format!("no answer within {}", humantime::format_duration(CLIENT_TIMEOUT)),
+            // A failed or unfinished exchange may leave the connection
+            // unusable: the next request starts afresh.
+            Ok(Err(e)) => {
+                conn = None;
+                e
+            }
+            Err(_) => {
+                conn = None;
+                format!("no answer within {}", humantime::format_duration(CLIENT_TIMEOUT))
+            }
         };
-        // A failed exchange may leave the connection unusable: start afresh.
-        if !kind.starts_with("HTTP ") {
-            conn = None;
-        }
         *seen.failed.entry(kind).or_default() += 1;
     }
     seen
