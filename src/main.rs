@@ -21,6 +21,7 @@ mod schedule;
 mod sign;
 mod store;
 mod target;
+mod tcp;
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
