@@ -6,9 +6,12 @@
 //! finished attempts from workers), whichever comes first: a timer, not a
 //! polling loop. Due deliveries go to a bounded pool of plain threads that
 //! run the blocking HTTP attempt ([`deliver`]), record the outcome through the
-//! store's committer and report back. A delivery stays in the stored due
-//! index until its outcome is recorded, so one in flight when the process
-//! dies is attempted again after restart (at-least-once).
+//! store's committer and report back. A delivery stays waiting in the store
+//! (in the due index, or unindexed under an `F` range if never attempted)
+//! until its outcome is recorded, so one in flight when the process dies is
+//! attempted again after restart (at-least-once). New deliveries arrive
+//! unindexed; those the queue lets go are sent back to the store to be
+//! indexed, and come back as ordinary entries.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -42,6 +45,10 @@ enum Msg {
     Attempted(DeliveryKey),
     /// The outcome is stored (or the delivery was skipped).
     Finished(DeliveryKey, Option<Due>),
+    /// The outcome could not be stored: try again at this entry.
+    Unrecorded(DeliveryKey, Due),
+    /// These entries, let go by the queue, could not be indexed.
+    NotIndexed(Vec<Due>),
 }
 
 /// Cheap-to-clone handle for telling the engine about new due deliveries.
@@ -123,7 +130,7 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
         .collect();
     let shutdown = Arc::new(Notify::new());
     let per_webhook = config.get().delivery.per_webhook_in_flight;
-    let task = tokio::spawn(run(store, rx, jobs, max_in_flight, per_webhook, shutdown.clone()));
+    let task = tokio::spawn(run(store, (tx.clone(), rx), jobs, max_in_flight, per_webhook, shutdown.clone()));
     Engine { handle: Dispatcher { tx }, shutdown, task, workers }
 }
 
@@ -145,7 +152,7 @@ impl Engine {
 
 async fn run(
     store: Store,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
+    (tx, mut rx): (mpsc::UnboundedSender<Msg>, mpsc::UnboundedReceiver<Msg>),
     jobs: Arc<Jobs>,
     max_in_flight: usize,
     per_webhook: usize,
@@ -168,6 +175,9 @@ async fn run(
             let Some(due) = queue.pop_due(now) else { break };
             jobs.give((due, fresh.0.remove(&due.key)));
         }
+        if now >= store_failing_until {
+            index(&store, &tx, queue.take_let_go());
+        }
         let mut wake = queue.next_wake(queue.in_flight() < max_in_flight);
         if store_failing_until > now {
             wake = Some(wake.map_or(store_failing_until, |w| w.min(store_failing_until)));
@@ -177,9 +187,12 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                handle(&mut queue, &mut fresh, msg);
+                let mut store_failed = handle(&mut queue, &mut fresh, msg);
                 while let Ok(msg) = rx.try_recv() {
-                    handle(&mut queue, &mut fresh, msg);
+                    store_failed |= handle(&mut queue, &mut fresh, msg);
+                }
+                if store_failed {
+                    store_failing_until = clock::now_ms() as u64 + STORE_RETRY_MS;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
@@ -255,20 +268,53 @@ impl Drop for CloseOnDrop {
     }
 }
 
-fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) {
+/// Applies `msg`; `true` if it says the store failed a write.
+fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) -> bool {
     match msg {
-        Msg::Scheduled(due, event) => {
+        Msg::Scheduled(due, None) => {
             for d in due {
-                if queue.insert(d) {
-                    if let Some(e) = &event {
-                        fresh.put(d.key, e);
-                    }
+                queue.insert(d);
+            }
+        }
+        // An ingest's deliveries: stored without due entries.
+        Msg::Scheduled(due, Some(event)) => {
+            for d in due {
+                if queue.insert_unindexed(d) {
+                    fresh.put(d.key, &event);
                 }
             }
         }
         Msg::Attempted(key) => queue.attempted(key),
         Msg::Finished(key, next) => queue.finished(key, next),
+        Msg::Unrecorded(key, retry) => {
+            queue.unrecorded(key, Some(retry));
+            return true;
+        }
+        Msg::NotIndexed(due) => {
+            queue.let_go_again(due);
+            return true;
+        }
     }
+    false
+}
+
+/// Has the store index the entries the queue let go; they come back as
+/// ordinary stored entries once that is on disk.
+fn index(store: &Store, tx: &mpsc::UnboundedSender<Msg>, let_go: Vec<Due>) {
+    if let_go.is_empty() {
+        return;
+    }
+    let tx = tx.clone();
+    let keys = let_go.iter().map(|d| d.key).collect();
+    store.index_then(keys, move |indexed| {
+        let _ = tx.send(match indexed {
+            Ok(due) => Msg::Scheduled(due, None),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot index deliveries waiting for a first attempt; retrying in 1s");
+                Msg::NotIndexed(let_go)
+            }
+        });
+    });
 }
 
 fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), crate::store::StoreError> {
@@ -432,14 +478,13 @@ impl Worker {
         // (and is not handed out again) until then.
         let done = self.done.clone();
         self.store.record_then(Outcome { key, attempt, status, next_attempt_at }, move |written| {
-            let next = match written {
-                Ok(()) => next_attempt_at.map(|at| Due { at_ms: at as u64, key }),
+            let _ = done.send(match written {
+                Ok(()) => Msg::Finished(key, next_attempt_at.map(|at| Due { at_ms: at as u64, key })),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot record an attempt; it will be made again");
-                    Some(Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
+                    Msg::Unrecorded(key, Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
                 }
-            };
-            let _ = done.send(Msg::Finished(key, next));
+            });
         });
     }
 }

@@ -9,6 +9,13 @@
 //! `cursor` is in memory. So a backlog of a million deliveries waiting hours
 //! for a retry costs no memory until their time comes close.
 //!
+//! A new delivery's entry is not in the store's index yet (see the store's
+//! committer): it arrives with [`Queue::insert_unindexed`] and lives only
+//! here until its first outcome is stored. Wherever the queue would leave an
+//! entry to the store, an unindexed one is *let go* instead: the dispatcher
+//! takes it ([`Queue::take_let_go`]), has the store index it, and inserts it
+//! again once that is done, by which time the store has it.
+//!
 //! Isolation: at most `per_webhook` attempts of one webhook are in flight
 //! (handed to a worker and not yet answered; waiting for the outcome to be
 //! stored does not count, it holds no worker).
@@ -53,6 +60,10 @@ pub struct Queue {
     held: HashMap<Uuid, Held>,
     /// Handed out and not yet finished (stored): never handed out twice.
     in_flight: HashSet<DeliveryKey>,
+    /// Deliveries whose entry here is not in the store's index.
+    unindexed: HashSet<DeliveryKey>,
+    /// Unindexed entries no longer held here, for the store to index.
+    let_go: Vec<Due>,
     /// The part of `in_flight` whose HTTP attempt is not over, per webhook.
     attempting: HashSet<DeliveryKey>,
     flying: HashMap<Uuid, usize>,
@@ -71,6 +82,8 @@ impl Queue {
             ready: BTreeSet::new(),
             held: HashMap::new(),
             in_flight: HashSet::new(),
+            unindexed: HashSet::new(),
+            let_go: Vec::new(),
             attempting: HashSet::new(),
             flying: HashMap::new(),
             per_webhook: per_webhook.max(1),
@@ -94,8 +107,38 @@ impl Queue {
             self.trim();
         } else {
             self.note_beyond(d.at_ms);
+            self.leave(d);
         }
         true
+    }
+
+    /// A new delivery's entry, not in the store's index; `false` (and
+    /// ignored) if its delivery is in flight.
+    pub fn insert_unindexed(&mut self, d: Due) -> bool {
+        if self.in_flight.contains(&d.key) {
+            return false;
+        }
+        self.unindexed.insert(d.key);
+        self.insert(d)
+    }
+
+    /// `d` is no longer held here: fine if the store has it, let go if not.
+    fn leave(&mut self, d: Due) {
+        if self.unindexed.remove(&d.key) {
+            self.let_go.push(d);
+        }
+    }
+
+    /// The entries let go since the last call: they must be indexed, then
+    /// inserted again.
+    pub fn take_let_go(&mut self) -> Vec<Due> {
+        std::mem::take(&mut self.let_go)
+    }
+
+    /// Entries taken with [`Queue::take_let_go`] that the store could not
+    /// index: to be taken again later.
+    pub fn let_go_again(&mut self, due: Vec<Due>) {
+        self.let_go.extend(due);
     }
 
     fn note_beyond(&mut self, at_ms: u64) {
@@ -112,17 +155,22 @@ impl Queue {
         while self.ready.len() > self.capacity - self.capacity / 10 {
             let last = self.ready.pop_last().expect("non-empty");
             self.cursor = last;
+            self.leave(last);
         }
         self.note_beyond(self.cursor.at_ms);
         let cursor = self.cursor;
+        let mut gone = Vec::new();
         for h in self.held.values_mut() {
-            h.set.split_off(&cursor);
+            gone.extend(h.set.split_off(&cursor));
             // Spilled entries at or above the cursor are the window's to read.
             if h.spilled.is_some_and(|s| s >= cursor) {
                 h.spilled = None;
             }
         }
         self.held.retain(|_, h| !h.set.is_empty() || h.spilled.is_some());
+        for d in gone {
+            self.leave(d);
+        }
     }
 
     /// The next delivery due at `now_ms` whose webhook may take another
@@ -151,12 +199,14 @@ impl Queue {
             // Once a webhook has spilled, its newer entries wait in the store
             // behind the spilled ones, so it is served oldest first.
             if held.spilled.is_some_and(|s| first >= s) {
+                self.leave(first);
                 continue;
             }
             held.set.insert(first);
             if held.set.len() > HELD_MAX {
                 let last = held.set.pop_last().expect("non-empty");
                 held.spilled = Some(held.spilled.map_or(last, |s| s.min(last)));
+                self.leave(last);
             }
         }
     }
@@ -185,9 +235,16 @@ impl Queue {
 
     /// `key` is over and stored; `next` is its stored next due entry, if any.
     pub fn finished(&mut self, key: DeliveryKey, next: Option<Due>) {
+        self.unindexed.remove(&key);
+        self.unrecorded(key, next);
+    }
+
+    /// The outcome of `key` could not be stored, so the store's index is as
+    /// before (an unindexed delivery stays so); try again at `retry`.
+    pub fn unrecorded(&mut self, key: DeliveryKey, retry: Option<Due>) {
         self.attempted(key);
         self.in_flight.remove(&key);
-        if let Some(d) = next {
+        if let Some(d) = retry {
             self.insert(d);
         }
     }
@@ -374,6 +431,15 @@ mod tests {
                         q.refilled(r, entries, next);
                     }
                 }
+            }
+        }
+
+        /// What the dispatcher does with let-go entries: the store indexes
+        /// them, then they are inserted as stored entries.
+        fn index_let_go(&mut self, q: &mut Queue) {
+            for d in q.take_let_go() {
+                assert!(self.0.insert(d), "{d:?} let go twice");
+                q.insert(d);
             }
         }
 
@@ -614,6 +680,67 @@ mod tests {
         index.0.clear();
         q.finished(k, Some(due(7, 1)));
         assert_eq!(q.pop_key(7), Some(k));
+    }
+
+    #[test]
+    fn new_deliveries_beyond_what_memory_holds_are_let_go_for_indexing() {
+        // Too many to stay ready: capacity 64.
+        attempt_new_deliveries(64, 2);
+        // Too many to hold for a webhook taking one at a time (HELD_MAX).
+        attempt_new_deliveries(100_000, 1);
+    }
+
+    /// Inserts 3,000 new deliveries for two webhooks and attempts them as a
+    /// dispatcher would, indexing what the queue lets go: each exactly once.
+    fn attempt_new_deliveries(capacity: usize, per_webhook: usize) {
+        let mut index = Index(BTreeSet::new());
+        let mut q = Queue::new(Duration::from_secs(30), capacity, per_webhook);
+        index.serve(&mut q, 10);
+        for i in 0..3_000 {
+            assert!(q.insert_unindexed(due_to(5, i, (i % 2) as u8)));
+        }
+        let mut seen = HashSet::new();
+        let mut flying = Vec::new();
+        let mut let_go = 0;
+        loop {
+            let_go += q.let_go.len();
+            index.index_let_go(&mut q);
+            index.serve(&mut q, 10);
+            while let Some(k) = q.pop_key(10) {
+                flying.push(k);
+            }
+            let_go += q.let_go.len();
+            index.index_let_go(&mut q);
+            if flying.is_empty() {
+                break;
+            }
+            for k in flying.drain(..) {
+                assert!(seen.insert(k), "{k:?} handed out twice");
+                index.done(&mut q, k);
+            }
+            assert!(q.ready() <= capacity);
+            assert!(q.held.values().all(|h| h.set.len() <= HELD_MAX));
+        }
+        assert_eq!(seen.len(), 3_000, "every new delivery attempted once");
+        assert!(let_go > 0, "nothing was let go");
+        assert!(q.unindexed.is_empty() && q.let_go.is_empty());
+    }
+
+    #[test]
+    fn an_unrecorded_outcome_keeps_a_new_delivery_unindexed() {
+        let mut q = Queue::new(Duration::from_secs(30), 64, 10);
+        Index(BTreeSet::new()).serve(&mut q, 0);
+        let later = 3_600_000;
+        q.insert_unindexed(due(5, 1));
+        let k = q.pop_key(10).unwrap();
+        // Its retry lies beyond the window: it must be let go, not left to the store.
+        q.unrecorded(k, Some(due(later, 1)));
+        assert_eq!(q.take_let_go(), [due(later, 1)]);
+        // Once the outcome is stored, the store has whatever comes next.
+        q.insert_unindexed(due(5, 2));
+        let k = q.pop_key(10).unwrap();
+        q.finished(k, Some(due(later, 2)));
+        assert_eq!(q.take_let_go(), []);
     }
 
     #[test]

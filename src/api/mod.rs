@@ -26,7 +26,7 @@ use crate::config::{self, Config, Webhook};
 use crate::dispatch::Dispatcher;
 use crate::event::IngestError;
 use crate::metrics::{Metrics, Snapshot};
-use crate::store::{Attempt, DeliveryKey, DeliveryRecord, Due, Status, Store, StoreError};
+use crate::store::{Attempt, DeliveryKey, DeliveryRecord, Status, Store, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -160,12 +160,12 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
             waiting += s.count(Status::Pending) + s.count(Status::Retrying);
             webhooks.push((w.id, s.consecutive_failures, s.last_success_ms.map(|t| t as f64 / 1000.0)));
         }
-        let oldest = store.first_due_from(Due::at(0))?.filter(|d| d.at_ms <= now);
+        let oldest = store.oldest_due_ms(now)?;
         let due_now = store.count_due(now)?;
         Ok(Snapshot {
             due_now,
             scheduled_later: waiting.saturating_sub(due_now),
-            oldest_due_age_seconds: oldest.map_or(0.0, |d| (now - d.at_ms) as f64 / 1000.0),
+            oldest_due_age_seconds: oldest.map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0),
             storage_bytes: store.size_on_disk(),
             set_aside: store.set_aside_count() as u64,
             webhooks,

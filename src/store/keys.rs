@@ -7,6 +7,7 @@
 //! | `I event_id` | seq, for ids the application chose (the only key led by a random id: kept small) |
 //! | `D webhook seq` | delivery (so a webhook's deliveries sort by time; an event's are found through its record) |
 //! | `Q due_ms seq webhook` | nothing: the due index |
+//! | `F first_seq` | last_seq: the events of one batch, some of whose deliveries have no `Q` entry yet (see the committer) |
 //! | `H due_second` | how many `Q` entries fall in that second (so counting what is due costs a second's entries at most) |
 //! | `W webhook` | the webhook's stats |
 //! | `Z webhook seq` | due time: a delivery set aside because it could not be read |
@@ -21,12 +22,13 @@ pub const INDEX: u8 = b'I';
 pub const DELIVERY: u8 = b'D';
 pub const DUE: u8 = b'Q';
 pub const DUE_COUNT: u8 = b'H';
+pub const FRESH_RANGE: u8 = b'F';
 pub const STATS: u8 = b'W';
 pub const SET_ASIDE: u8 = b'Z';
 pub const LAYOUT: [u8; 1] = [b'V'];
 /// Bump when keys or records change shape; a database of another layout is
 /// refused at open rather than misread.
-pub const LAYOUT_VERSION: u8 = 3;
+pub const LAYOUT_VERSION: u8 = 4;
 
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -78,11 +80,18 @@ pub fn due_count(second: u64) -> [u8; 9] {
     k
 }
 
-/// An `H` value.
-pub fn count(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+/// The `F` key of the batch whose first event is `first_seq`.
+pub fn fresh_range(first_seq: u64) -> [u8; 9] {
+    let mut k = [FRESH_RANGE; 9];
+    k[1..].copy_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+/// An `H` or `F` value: a big-endian u64.
+pub fn u64_value(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
     let bytes = value.try_into().map_err(|_| StoreError::Corrupt {
         key: format!("{key:?}"),
-        reason: format!("a count of {} bytes", value.len()),
+        reason: format!("{} bytes where a number of 8 was expected", value.len()),
     })?;
     Ok(u64::from_be_bytes(bytes))
 }

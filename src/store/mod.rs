@@ -17,6 +17,7 @@ mod records;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use committer::{Callback, Committer, Op, Reply, Request};
+use committer::{Callback, Committer, Op, Reply, Request, UnindexedGauge};
 pub use records::*;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -81,6 +82,8 @@ struct Inner {
     // Options only so that Drop can close the channel and then join.
     requests: Option<mpsc::Sender<Request>>,
     committer: Option<thread::JoinHandle<()>>,
+    /// Deliveries without a due entry yet (see `committer`), kept by it.
+    unindexed: Arc<UnindexedGauge>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
 }
@@ -124,12 +127,18 @@ impl Drop for WaitForUnlock {
     }
 }
 
-/// Marks a new database with this build's layout, brings one of layout 2 up
-/// to it; refuses one of another.
+/// Marks a new database with this build's layout, brings one of layout 2 or
+/// 3 up to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = match db.get(keys::LAYOUT)? {
         Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
         Some(v) if *v == [2] => return count_due_entries(db),
+        // Layout 4 only adds `F` ranges, and a layout-3 database has none.
+        Some(v) if *v == [3] => {
+            db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
+            db.flush()?;
+            return Ok(());
+        }
         Some(v) => format!("layout {}", v.first().copied().unwrap_or(0)),
         None if db.is_empty() => {
             db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
@@ -141,7 +150,7 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     Err(StoreError::Layout { path: path.to_owned(), found })
 }
 
-/// Layout 2 to 3: counts the due index per second (`H` keys), once.
+/// Layout 2 to 4: counts the due index per second (`H` keys), once.
 fn count_due_entries(db: &sled::Db) -> Result<(), StoreError> {
     let mut counts = std::collections::BTreeMap::<u64, u64>::new();
     for k in db.scan_prefix([keys::DUE]).keys() {
@@ -195,14 +204,26 @@ impl Store {
             None => 0,
         };
         let (requests, rx) = mpsc::channel();
-        let committer = Committer {
+        let unindexed = Arc::new(UnindexedGauge::default());
+        let mut committer = Committer {
             db: db.clone(),
             last_seq,
             dir: path.to_owned(),
             min_free: options.min_free_space,
             stats: Default::default(),
             due_counts: Default::default(),
+            unindexed: Default::default(),
+            ranges: Default::default(),
+            gauge: unindexed.clone(),
         };
+        // Before anything reads the due index, it must hold every delivery
+        // waiting for an attempt.
+        let leftovers = committer.index_leftovers()?;
+        if leftovers > 0 {
+            db.flush()?;
+            data_file.sync_data()?;
+            tracing::info!(deliveries = leftovers, "indexed the deliveries the last run had not attempted");
+        }
         let sync_file = data_file.try_clone()?;
         let committer =
             thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx, sync_file))?;
@@ -212,6 +233,7 @@ impl Store {
             data_file,
             requests: Some(requests),
             committer: Some(committer),
+            unindexed,
             _unlocked: unlocked,
         };
         Ok(Store { inner: Arc::new(inner) })
@@ -272,6 +294,25 @@ impl Store {
     /// (they stay stored, listed under `Z`); `then` runs once that is on disk.
     pub fn set_aside(&self, due: Due, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
         self.send(Op::SetAside(due), Box::new(move |r| then(r.map(drop))));
+    }
+
+    /// Gives those of `keys` that have no due entry yet (deliveries never
+    /// attempted, see `committer`) their entry; `then` gets the entries
+    /// written, once they are on disk.
+    pub fn index_then(
+        &self,
+        keys: Vec<DeliveryKey>,
+        then: impl FnOnce(Result<Vec<Due>, StoreError>) + Send + 'static,
+    ) {
+        self.send(
+            Op::Index(keys),
+            Box::new(move |r| {
+                then(r.map(|reply| match reply {
+                    Reply::Queued(due) => due,
+                    _ => unreachable!("the committer answers each op in kind"),
+                }))
+            }),
+        );
     }
 
     /// How many deliveries have been set aside as unreadable.
@@ -424,14 +465,15 @@ impl Store {
             .collect()
     }
 
-    /// How many due-index entries are due at or before `now_ms`: the counts
-    /// of the seconds before this one, then this second's entries one by one.
+    /// How many deliveries are due at or before `now_ms`: those never
+    /// attempted and not indexed yet (all due), the counts of the seconds
+    /// before this one, then this second's due-index entries one by one.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
         let second = now_ms / 1000;
-        let mut n = 0;
+        let mut n = self.inner.unindexed.count.load(Ordering::Relaxed) as u64;
         for kv in self.inner.db.range(keys::due_count(0)..keys::due_count(second)) {
             let (k, v) = kv?;
-            n += keys::count(&k, &v)?;
+            n += keys::u64_value(&k, &v)?;
         }
         let this_second = keys::due(Due::at(second * 1000))..keys::due(Due::at(now_ms.saturating_add(1)));
         for k in self.inner.db.range(this_second).keys() {
@@ -463,6 +505,16 @@ impl Store {
             }
         }
         Ok((found, None))
+    }
+
+    /// About when the longest-waiting due delivery became due (ms since the
+    /// epoch), if any is due by `now_ms`: the first due-index entry, or the
+    /// oldest delivery not indexed yet, whichever is older.
+    pub fn oldest_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let indexed = self.first_due_from(Due::at(0))?.map(|d| d.at_ms).filter(|at| *at <= now_ms);
+        let oldest_seq = self.inner.unindexed.oldest_seq.load(Ordering::Relaxed);
+        let unindexed = (oldest_seq > 0).then(|| seq_time_ms(oldest_seq).max(0) as u64);
+        Ok(indexed.into_iter().chain(unindexed).min())
     }
 
     /// The first due-index entry at or after `from`.
@@ -540,6 +592,10 @@ mod tests {
         let reopen = || Store::open(dir.path(), &OPTIONS).map(drop);
         reopen().expect("its own layout opens");
         let raw = |f: &dyn Fn(&sled::Db)| f(&sled::open(dir.path()).unwrap());
+        // Layout 3 lacks only `F` ranges, which it cannot have: upgraded as is.
+        raw(&|db| drop(db.insert(keys::LAYOUT, &[3]).unwrap()));
+        reopen().expect("layout 3 opens");
+        raw(&|db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
         raw(&|db| drop(db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION + 1]).unwrap()));
         let e = reopen().unwrap_err();
         let newer = format!("layout {}", keys::LAYOUT_VERSION + 1);
@@ -578,6 +634,7 @@ mod tests {
             }
             let now = clock::now_ms() as u64;
             assert_eq!(store.count_due(now).unwrap(), 9);
+            assert_eq!(counted(&store, now), 0, "new deliveries have no due entries");
             // One succeeds, two are retried later, one of them twice.
             let outcome =
                 |d: &Due, status, next| Outcome { key: d.key, attempt: None, status, next_attempt_at: next };
@@ -589,6 +646,12 @@ mod tests {
             let (tx, rx) = oneshot::channel();
             store.set_aside(due[0], move |r| drop(tx.send(r)));
             rx.await.unwrap().unwrap();
+            assert_eq!(store.count_due(now).unwrap(), 6);
+            assert_eq!(counted(&store, u64::MAX / 2), 2);
+            // Indexing the six never attempted moves them into the index, once.
+            let waiting: Vec<_> = due[3..].iter().map(|d| d.key).collect();
+            assert_eq!(index(&store, waiting.clone()).await, due[3..]);
+            assert_eq!(index(&store, waiting).await, [], "already indexed");
             assert_eq!(store.count_due(now).unwrap(), 6);
             for t in moments.into_iter().chain([now]) {
                 assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t}");
@@ -607,6 +670,59 @@ mod tests {
             assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t} after the upgrade");
         }
         assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 8);
+    }
+
+    async fn index(store: &Store, keys: Vec<DeliveryKey>) -> Vec<Due> {
+        let (tx, rx) = oneshot::channel();
+        store.index_then(keys, move |r| drop(tx.send(r)));
+        rx.await.unwrap().unwrap()
+    }
+
+    fn ranges(dir: &Path) -> usize {
+        sled::open(dir).unwrap().scan_prefix([keys::FRESH_RANGE]).count()
+    }
+
+    #[tokio::test]
+    async fn deliveries_never_attempted_are_indexed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
+        let mut due = Vec::new();
+        {
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            for id in 1..=3 {
+                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
+                else {
+                    panic!()
+                };
+                due.extend(d);
+            }
+            // The first event's deliveries are over: its range is dropped.
+            for d in &due[..2] {
+                let o =
+                    Outcome { key: d.key, attempt: None, status: Status::Succeeded, next_attempt_at: None };
+                record_outcome(&store, o).await;
+            }
+            let o = Outcome {
+                key: due[2].key,
+                attempt: None,
+                status: Status::Retrying,
+                next_attempt_at: Some(1 << 50),
+            };
+            record_outcome(&store, o).await;
+            assert_eq!(store.count_due(clock::now_ms() as u64).unwrap(), 3);
+            assert_eq!(counted(&store, u64::MAX / 2), 1);
+        }
+        // As after a crash: the store stopped with three never attempted.
+        assert_eq!(ranges(dir.path()), 2);
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let now = clock::now_ms() as u64;
+        assert_eq!(store.scan_due(Due::at(0), now, 100).unwrap(), due[3..]);
+        assert_eq!(store.first_due_from(Due::at(now + 1)).unwrap().map(|d| d.key), Some(due[2].key));
+        assert_eq!(store.count_due(now).unwrap(), 3);
+        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 4);
+        assert_eq!(index(&store, due.iter().map(|d| d.key).collect()).await, [], "nothing left unindexed");
+        drop(store);
+        assert_eq!(ranges(dir.path()), 0);
     }
 
     #[tokio::test]

@@ -51,7 +51,8 @@ impl Hit {
 /// segment: `/ok/…` 200, `/fail/…` 500, `/flaky/N/…` 503 for the first N
 /// requests on that path then 200, `/each/N/…` 500 for the first N requests
 /// of each event_id on that path,
-/// `/hang/…` waits 5 s, `/slow/…` waits 300 ms then 200, `/redirect/…` 302
+/// `/hang/…` waits 5 s, `/slow/…` waits 300 ms then 200, `/gate/…` waits
+/// until the gate is open ([`Receiver::set_gate`]) then 200, `/redirect/…` 302
 /// to `/ok/redirected`, `/code/N/…` answers N, `/retry-secs/N/…` 429 with
 /// `Retry-After: N`, `/retry-date/N/…` 503 with `Retry-After` N seconds
 /// ahead as an HTTP-date.
@@ -60,6 +61,7 @@ pub struct Receiver {
     pub base: String,
     hits: Arc<Mutex<Vec<Hit>>>,
     counts: Arc<Mutex<HashMap<String, u64>>>,
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Receiver {
@@ -67,7 +69,8 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let r = Receiver { base, hits: Default::default(), counts: Default::default() };
+        let gate = Arc::new(tokio::sync::watch::Sender::new(false));
+        let r = Receiver { base, hits: Default::default(), counts: Default::default(), gate };
         let state = r.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -82,6 +85,11 @@ impl Receiver {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// Opens or closes the gate `/gate/…` requests wait for.
+    pub fn set_gate(&self, open: bool) {
+        self.gate.send_replace(open);
     }
 
     pub fn hits(&self) -> Vec<Hit> {
@@ -132,6 +140,10 @@ async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: B
         }
         Some("hang") => {
             tokio::time::sleep(Duration::from_secs(5)).await;
+            (200, None)
+        }
+        Some("gate") => {
+            let _ = r.gate.subscribe().wait_for(|open| *open).await;
             (200, None)
         }
         Some("slow") => {
