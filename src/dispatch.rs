@@ -359,7 +359,14 @@ impl Worker {
                 self.metrics.undecodable();
                 tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, webhook_id = %key.webhook, "cannot load a due delivery; setting it aside");
                 let done = self.done.clone();
-                self.store.set_aside(due, move |_| drop(done.send(Msg::Finished(key, None))));
+                self.store.set_aside(due, move |r| {
+                    let _ = done.send(match r {
+                        Ok(()) => Msg::Finished(key, None),
+                        Err(_) => {
+                            Msg::Unrecorded(key, Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
+                        }
+                    });
+                });
                 return None;
             }
         };

@@ -334,7 +334,7 @@ async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
     shared.set(new);
     if !stopped.is_empty() {
         let cancelled = match store.waiting_deliveries(|w| stopped.contains(w)) {
-            Ok(keys) => store.cancel(keys).await,
+            Ok(keys) => store.cancel(keys, stopped.iter().copied().collect()).await,
             Err(e) => Err(e),
         };
         match cancelled {

@@ -13,12 +13,12 @@
 //! again; leaving out those two writes and their `H` count changes cut the
 //! daemon's CPU per event by about a tenth at full speed. Instead the
 //! committer keeps such *unindexed* deliveries in memory, and each batch
-//! that makes some writes one `F` key covering its events; the key goes in
-//! the batch where the last of them stops being unindexed. That happens at
-//! its first outcome, a cancellation, a set-aside, or an [`Op::Index`],
-//! which the dispatcher sends for one it lets go from memory. At start,
-//! before anything else, the deliveries of every `F` range left by the
-//! previous run get their due entries.
+//! that stores new deliveries writes one `F` key covering its events; the
+//! key goes in the batch where the last of them stops being unindexed. That
+//! happens at its first outcome, a cancellation, a set-aside, or an
+//! [`Op::Index`], which the dispatcher sends for one it lets go from memory.
+//! At start, before anything else, the deliveries of every `F` range left by
+//! the previous run get their due entries.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -49,8 +49,12 @@ pub enum Op {
         keys: Vec<DeliveryKey>,
         from: &'static [Status],
     },
-    /// Stop these deliveries if they are still waiting for an attempt.
-    Cancel(Vec<DeliveryKey>),
+    /// Stop these deliveries, and the unindexed ones of these webhooks, if
+    /// they are still waiting for an attempt.
+    Cancel {
+        keys: Vec<DeliveryKey>,
+        webhooks: Vec<Uuid>,
+    },
     /// Delete these events, where every delivery of one is final; stops
     /// early, after a whole event, once it has made a batch's writes.
     Prune(Vec<u64>),
@@ -65,9 +69,10 @@ impl Op {
     /// About how many keys this op writes (pruning: at least).
     fn writes(&self) -> usize {
         match self {
-            Op::Ingest(e) => 1 + e.record.webhooks.len(),
+            // The event, then per webhook its delivery and (once a batch) its stats.
+            Op::Ingest(e) => 2 + 2 * e.record.webhooks.len(),
             Op::Record(_) | Op::SetAside(_) => 2,
-            Op::Requeue { keys, .. } | Op::Cancel(keys) | Op::Index(keys) => 2 * keys.len(),
+            Op::Requeue { keys, .. } | Op::Cancel { keys, .. } | Op::Index(keys) => 2 * keys.len(),
             Op::Prune(seqs) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
         }
     }
@@ -323,17 +328,28 @@ impl Committer {
             .collect::<Result<_, StoreError>>()?;
         let mut indexed = 0;
         for (first, last) in ranges {
+            // sled must not meet a full disk, here either.
+            let needed = self.min_free / 4;
+            match free_bytes(&self.dir) {
+                Some(free) if free < needed => return Err(StoreError::DiskFull { free, needed }),
+                _ => {}
+            }
             let mut p = Pending::default();
             for kv in self.db.range(keys::event(first)..=keys::event(last)) {
                 let (k, v) = kv?;
-                let (seq, event) = (keys::u64_at(&k, 1), codec::decode::<EventRecord>(&k, &v)?);
+                let seq = keys::u64_at(&k, 1);
+                let event = match codec::decode::<EventRecord>(&k, &v) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        // Its deliveries cannot be found without it; they
+                        // could not be attempted either.
+                        tracing::error!(error = %e, seq, "cannot read an event to index its deliveries");
+                        continue;
+                    }
+                };
                 for &webhook in &event.webhooks {
                     let key = DeliveryKey { seq, webhook };
-                    let Some(d) = p.decode::<DeliveryRecord>(&self.db, &keys::delivery(key))? else {
-                        continue;
-                    };
-                    let Some(at) = d.next_attempt_at.filter(|_| !d.status.is_final()) else { continue };
-                    let due = Due { at_ms: at.max(0) as u64, key };
+                    let Some(due) = self.waiting_entry(&mut p, key)? else { continue };
                     if self.db.get(keys::due(due))?.is_none() {
                         self.add_due(&mut p, due)?;
                         indexed += 1;
@@ -351,7 +367,10 @@ impl Committer {
             Op::Ingest(ev) => self.ingest(p, ev).map(Reply::Ingested),
             Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
             Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
-            Op::Cancel(keys) => self.cancel(p, keys).map(Reply::Count),
+            Op::Cancel { mut keys, webhooks } => {
+                keys.extend(self.unindexed.keys().filter(|k| webhooks.contains(&k.webhook)));
+                self.cancel(p, keys).map(Reply::Count)
+            }
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),
             Op::Index(keys) => self.index(p, keys).map(Reply::Queued),
             Op::SetAside(due) => {
@@ -476,22 +495,47 @@ impl Committer {
         Ok(due)
     }
 
+    /// Indexes those of `keys` still unindexed, and answers the due entry
+    /// of every one still waiting, indexed just now or before (the caller
+    /// let go of them all, and an entry it missed meanwhile may lie behind
+    /// its window).
     fn index(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>) -> Result<Vec<Due>, StoreError> {
         let mut due = Vec::new();
         for key in keys {
-            if !self.is_unindexed(p, &key) {
+            let unindexed = self.is_unindexed(p, &key);
+            let Some(entry) = self.waiting_entry(p, key)? else {
+                if unindexed {
+                    p.indexed.insert(key);
+                }
                 continue;
-            }
-            let d: DeliveryRecord =
-                p.decode(&self.db, &keys::delivery(key))?.ok_or(StoreError::UnknownDelivery(key))?;
-            p.indexed.insert(key);
-            if let Some(at) = d.next_attempt_at.filter(|_| !d.status.is_final()) {
-                let entry = Due { at_ms: at.max(0) as u64, key };
+            };
+            if unindexed {
+                p.indexed.insert(key);
                 self.add_due(p, entry)?;
-                due.push(entry);
             }
+            due.push(entry);
         }
         Ok(due)
+    }
+
+    /// The due entry a delivery should have: `None` if it is not waiting
+    /// for an attempt, gone, or set aside (now, if its record cannot be read:
+    /// it is kept and counted under `Z`, as a dispatcher would).
+    fn waiting_entry(&mut self, p: &mut Pending, key: DeliveryKey) -> Result<Option<Due>, StoreError> {
+        let record = match p.decode::<DeliveryRecord>(&self.db, &keys::delivery(key)) {
+            Ok(record) => record,
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::error!(error = %e, seq = key.seq, webhook_id = %key.webhook, "cannot read a waiting delivery; setting it aside");
+                p.insert(&keys::set_aside(key), 0u64.to_be_bytes().to_vec());
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if p.get(&self.db, &keys::set_aside(key))?.is_some() {
+            return Ok(None);
+        }
+        let at = record.and_then(|d| d.next_attempt_at.filter(|_| !d.status.is_final()));
+        Ok(at.map(|at| Due { at_ms: at.max(0) as u64, key }))
     }
 
     fn cancel(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>) -> Result<usize, StoreError> {
@@ -641,8 +685,13 @@ type Answers = Vec<(Result<Reply, StoreError>, Callback)>;
 const SYNC_QUEUE: usize = 0;
 
 /// Syncs and answers: every batch waiting when a sync begins is covered by it.
-/// A failed sync fails every request it covered (their data may still reach
-/// the disk with a later sync; a retried event_id then finds it as a duplicate).
+/// A failed sync fails every request it covered, then stops the process
+/// (systemd starts it again). What a failed `fdatasync` left on disk is
+/// unknown, while the batches it covered are applied in memory: going on
+/// would serve state that may not be on disk (a retried event_id found as a
+/// duplicate though it was never stored) and leave applied deliveries that
+/// nobody was told of. A fresh start reads back only what is on disk and
+/// indexes what waits.
 fn sync_loop(db: sled::Db, file: File, applied: mpsc::Receiver<Answers>) {
     while let Ok(first) = applied.recv() {
         let mut answers = first;
@@ -651,14 +700,15 @@ fn sync_loop(db: sled::Db, file: File, applied: mpsc::Receiver<Answers>) {
         }
         let synced =
             db.flush().map_err(StoreError::from).and_then(|_| file.sync_data().map_err(StoreError::from));
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, "storage sync failed");
-        }
         for (answer, reply) in answers {
             reply(match &synced {
                 Ok(_) => answer,
                 Err(e) => Err(e.clone()),
             });
+        }
+        if let Err(e) = synced {
+            tracing::error!(error = %e, "storage sync failed; stopping, so that a fresh start reads what is on disk");
+            std::process::exit(1);
         }
     }
 }

@@ -333,9 +333,11 @@ impl Store {
         }
     }
 
-    /// Cancels those of `keys` still waiting for an attempt; returns how many.
-    pub async fn cancel(&self, keys: Vec<DeliveryKey>) -> Result<usize, StoreError> {
-        self.count(Op::Cancel(keys)).await
+    /// Cancels those of `keys` still waiting for an attempt, and every
+    /// delivery to `webhooks` never attempted (which has no due entry to
+    /// find it by); returns how many.
+    pub async fn cancel(&self, keys: Vec<DeliveryKey>, webhooks: Vec<Uuid>) -> Result<usize, StoreError> {
+        self.count(Op::Cancel { keys, webhooks }).await
     }
 
     /// Deletes the events among `seqs` (ascending) whose deliveries are all
@@ -433,7 +435,7 @@ impl Store {
         self.inner.db.range(start..end).keys().map(|k| Ok(keys::parse_delivery(&k?))).collect()
     }
 
-    /// Every delivery waiting for an attempt whose webhook `wanted` selects.
+    /// Every delivery in the due index whose webhook `wanted` selects.
     pub fn waiting_deliveries(&self, wanted: impl Fn(&Uuid) -> bool) -> Result<Vec<DeliveryKey>, StoreError> {
         let mut out = Vec::new();
         for k in self.inner.db.scan_prefix([keys::DUE]).keys() {
@@ -651,7 +653,8 @@ mod tests {
             // Indexing the six never attempted moves them into the index, once.
             let waiting: Vec<_> = due[3..].iter().map(|d| d.key).collect();
             assert_eq!(index(&store, waiting.clone()).await, due[3..]);
-            assert_eq!(index(&store, waiting).await, [], "already indexed");
+            assert_eq!(index(&store, waiting).await, due[3..], "the same entries, written once");
+            assert_eq!(counted(&store, u64::MAX / 2), 8);
             assert_eq!(store.count_due(now).unwrap(), 6);
             for t in moments.into_iter().chain([now]) {
                 assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t}");
@@ -712,17 +715,38 @@ mod tests {
             assert_eq!(store.count_due(clock::now_ms() as u64).unwrap(), 3);
             assert_eq!(counted(&store, u64::MAX / 2), 1);
         }
-        // As after a crash: the store stopped with three never attempted.
+        // As after a crash: the store stopped with three never attempted,
+        // one of which was set aside as unreadable meanwhile.
         assert_eq!(ranges(dir.path()), 2);
+        sled::open(dir.path()).unwrap().insert(keys::set_aside(due[5].key), &0u64.to_be_bytes()).unwrap();
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let now = clock::now_ms() as u64;
-        assert_eq!(store.scan_due(Due::at(0), now, 100).unwrap(), due[3..]);
+        assert_eq!(store.scan_due(Due::at(0), now, 100).unwrap(), due[3..5]);
         assert_eq!(store.first_due_from(Due::at(now + 1)).unwrap().map(|d| d.key), Some(due[2].key));
-        assert_eq!(store.count_due(now).unwrap(), 3);
-        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 4);
-        assert_eq!(index(&store, due.iter().map(|d| d.key).collect()).await, [], "nothing left unindexed");
+        assert_eq!(store.count_due(now).unwrap(), 2);
+        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 3);
+        // Nothing is left unindexed; the entries of those waiting are as stored.
+        let retry = Due { at_ms: 1 << 50, key: due[2].key };
+        assert_eq!(index(&store, due.iter().map(|d| d.key).collect()).await, [retry, due[3], due[4]]);
+        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 3);
         drop(store);
         assert_eq!(ranges(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_webhooks_deliveries_reaches_those_never_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]));
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        for id in 1..=3 {
+            store.ingest(new(id, "{}", &[a, b])).await.unwrap();
+        }
+        let now = clock::now_ms() as u64;
+        assert_eq!(store.count_due(now).unwrap(), 6);
+        assert_eq!(store.cancel(Vec::new(), vec![a]).await.unwrap(), 3);
+        assert_eq!(store.count_due(now).unwrap(), 3);
+        assert_eq!(store.webhook_stats(&a).unwrap().count(Status::Cancelled), 3);
+        assert_eq!(store.cancel(Vec::new(), vec![a]).await.unwrap(), 0, "nothing left to cancel");
     }
 
     #[tokio::test]
@@ -852,7 +876,7 @@ mod tests {
         assert_eq!((d.status, d.attempts_in_round(), d.attempts.len()), (Status::Pending, 0, 1));
 
         // Cancel everything waiting: the due index empties.
-        assert_eq!(store.cancel(keys.clone()).await.unwrap(), 4);
+        assert_eq!(store.cancel(keys.clone(), Vec::new()).await.unwrap(), 4);
         assert!(store.scan_due(Due::at(0), u64::MAX - 1, 100).unwrap().is_empty());
         assert_eq!(store.webhook_stats(&w).unwrap().count(Status::Cancelled), 4);
 
@@ -879,7 +903,7 @@ mod tests {
             };
             keys.extend(due.iter().map(|d| d.key));
         }
-        assert_eq!(store.cancel(keys).await.unwrap(), 400);
+        assert_eq!(store.cancel(keys, Vec::new()).await.unwrap(), 400);
         let seqs = store.events_between(0, u64::MAX, 100).unwrap();
         let first = store.prune(seqs.clone()).await.unwrap();
         assert_eq!(first, Pruned { deleted: 3, through: seqs[2] });
