@@ -45,7 +45,8 @@ enum Msg {
     Attempted(DeliveryKey),
     /// The outcome is stored (or the delivery was skipped).
     Finished(DeliveryKey, Option<Due>),
-    /// The outcome could not be stored: try again at this entry.
+    /// The outcome (or set-aside) could not be stored: the store still has
+    /// the delivery as it was, with this entry; try it again.
     Unrecorded(DeliveryKey, Due),
     /// These entries, let go by the queue, could not be indexed.
     NotIndexed(Vec<Due>),
@@ -171,14 +172,17 @@ async fn run(
                 store_failing_until = now + STORE_RETRY_MS;
             }
         }
-        while queue.in_flight() < max_in_flight {
+        // While the store fails writes, attempts wait too: their outcomes
+        // could not be recorded.
+        let store_ok = now >= store_failing_until;
+        while store_ok && queue.in_flight() < max_in_flight {
             let Some(due) = queue.pop_due(now) else { break };
             jobs.give((due, fresh.0.remove(&due.key)));
         }
-        if now >= store_failing_until {
+        if store_ok {
             index(&store, &tx, queue.take_let_go());
         }
-        let mut wake = queue.next_wake(queue.in_flight() < max_in_flight);
+        let mut wake = queue.next_wake(store_ok && queue.in_flight() < max_in_flight);
         if store_failing_until > now {
             wake = Some(wake.map_or(store_failing_until, |w| w.min(store_failing_until)));
         }
@@ -362,9 +366,7 @@ impl Worker {
                 self.store.set_aside(due, move |r| {
                     let _ = done.send(match r {
                         Ok(()) => Msg::Finished(key, None),
-                        Err(_) => {
-                            Msg::Unrecorded(key, Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
-                        }
+                        Err(_) => Msg::Unrecorded(key, due),
                     });
                 });
                 return None;
@@ -489,7 +491,7 @@ impl Worker {
                 Ok(()) => Msg::Finished(key, next_attempt_at.map(|at| Due { at_ms: at as u64, key })),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot record an attempt; it will be made again");
-                    Msg::Unrecorded(key, Due { at_ms: clock::now_ms() as u64 + STORE_RETRY_MS, key })
+                    Msg::Unrecorded(key, due)
                 }
             });
         });

@@ -61,7 +61,7 @@ pub enum Op {
     /// Take this entry out of the due index and note it in the set-aside list.
     SetAside(Due),
     /// Give these deliveries their due entries if they are still unindexed;
-    /// answers the entries written.
+    /// answers the entry of every one still waiting.
     Index(Vec<DeliveryKey>),
 }
 
@@ -338,16 +338,14 @@ impl Committer {
             for kv in self.db.range(keys::event(first)..=keys::event(last)) {
                 let (k, v) = kv?;
                 let seq = keys::u64_at(&k, 1);
-                let event = match codec::decode::<EventRecord>(&k, &v) {
-                    Ok(event) => event,
-                    Err(e) => {
-                        // Its deliveries cannot be found without it; they
-                        // could not be attempted either.
-                        tracing::error!(error = %e, seq, "cannot read an event to index its deliveries");
-                        continue;
-                    }
+                let webhooks = match codec::decode::<EventRecord>(&k, &v) {
+                    Ok(event) => event.webhooks,
+                    // Its deliveries are found through every webhook that has
+                    // stats; their attempts will find the event unreadable and
+                    // set them aside.
+                    Err(_) => self.known_webhooks()?,
                 };
-                for &webhook in &event.webhooks {
+                for webhook in webhooks {
                     let key = DeliveryKey { seq, webhook };
                     let Some(due) = self.waiting_entry(&mut p, key)? else { continue };
                     if self.db.get(keys::due(due))?.is_none() {
@@ -362,13 +360,20 @@ impl Committer {
         Ok(indexed)
     }
 
+    /// Every webhook that ever had a delivery (each has a `W` key).
+    fn known_webhooks(&self) -> Result<Vec<Uuid>, StoreError> {
+        let keys = self.db.scan_prefix([keys::STATS]).keys();
+        keys.map(|k| Ok(Uuid::from_slice(&k?[1..]).expect("16 bytes after the prefix"))).collect()
+    }
+
     fn apply(&mut self, p: &mut Pending, op: Op) -> Result<Reply, StoreError> {
         match op {
             Op::Ingest(ev) => self.ingest(p, ev).map(Reply::Ingested),
             Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
             Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
             Op::Cancel { mut keys, webhooks } => {
-                keys.extend(self.unindexed.keys().filter(|k| webhooks.contains(&k.webhook)));
+                let unindexed = self.unindexed.keys().chain(&p.unindexed_new);
+                keys.extend(unindexed.filter(|k| webhooks.contains(&k.webhook)));
                 self.cancel(p, keys).map(Reply::Count)
             }
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),

@@ -734,6 +734,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unreadable_event_left_unindexed_still_has_its_deliveries_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
+        let due = {
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            let Ingested::Accepted { due, .. } = store.ingest(new(1, "{}", &webhooks)).await.unwrap() else {
+                panic!()
+            };
+            due
+        };
+        // Damaged while the daemon was down: found through the webhooks
+        // instead, to be set aside at their attempts.
+        sled::open(dir.path()).unwrap().insert(keys::event(due[0].key.seq), &[0xff]).unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        assert_eq!(store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap(), due);
+        drop(store);
+        assert_eq!(ranges(dir.path()), 0);
+    }
+
+    #[tokio::test]
     async fn cancelling_a_webhooks_deliveries_reaches_those_never_indexed() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]));
