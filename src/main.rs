@@ -333,11 +333,7 @@ async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
     let webhooks = new.webhooks().len();
     shared.set(new);
     if !stopped.is_empty() {
-        let cancelled = match store.waiting_deliveries(|w| stopped.contains(w)) {
-            Ok(keys) => store.cancel(keys, stopped.iter().copied().collect()).await,
-            Err(e) => Err(e),
-        };
-        match cancelled {
+        match cancel_waiting(store, &stopped).await {
             Ok(n) => {
                 tracing::info!(cancelled = n, "reload: deliveries to removed or disabled webhooks cancelled")
             }
@@ -345,6 +341,22 @@ async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
         }
     }
     tracing::info!(webhooks, "config reloaded");
+}
+
+/// Cancels every delivery waiting for one of `stopped`, a thousand at a time:
+/// one request for a big backlog's keys would make one huge batch (and sled
+/// holds a batch's node copies until it ends).
+async fn cancel_waiting(
+    store: &store::Store,
+    stopped: &std::collections::HashSet<uuid::Uuid>,
+) -> Result<usize, store::StoreError> {
+    let keys = store.waiting_deliveries(|w| stopped.contains(w))?;
+    let mut cancelled = 0;
+    for chunk in keys.chunks(1000) {
+        cancelled += store.cancel(chunk.to_vec(), Vec::new()).await?;
+    }
+    // Those never attempted have no due entry; the committer knows them.
+    Ok(cancelled + store.cancel(Vec::new(), stopped.iter().copied().collect()).await?)
 }
 
 /// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.

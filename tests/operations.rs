@@ -95,6 +95,32 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
     assert_eq!(d.get("/healthz").0, 200, "still serving on the old address");
 }
 
+/// Deliveries never attempted live in the dispatcher's memory, not in the
+/// stored due index: a reload that removes their webhook cancels them too.
+#[test]
+fn a_reload_cancels_deliveries_never_attempted_too() {
+    let rx = Receiver::start();
+    let delivery = "[delivery]\nper_webhook_in_flight = 1\nallow_private_targets = true\n\n";
+    let d =
+        Daemon::start("", &format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/gate/w1"), r#"["*"]"#)));
+    // The first is held at the receiver's gate; the other two wait their turn.
+    let ids: Vec<String> = (0..3)
+        .map(|_| d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    d.write_config(&format!("{delivery}{}", webhook(W2, CLIENT_A, &rx.url("/ok/w2"), r#"["*"]"#)));
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1);
+    let statuses: Vec<Value> = ids.iter().map(|id| delivery_to(&d.event(id), W1)["status"].clone()).collect();
+    let cancelled = statuses.iter().filter(|s| *s == "cancelled").count();
+    assert!(cancelled >= 2, "the two waiting deliveries are cancelled at reload: {statuses:?}");
+    rx.set_gate(true);
+    // The one in flight ends at its attempt: the webhook is gone by then or the receiver answers.
+    for id in &ids {
+        d.wait_settled(id, &["cancelled", "succeeded"], SETTLE);
+    }
+    assert!(rx.hits_on("/gate/w1").len() <= 1, "nothing cancelled was sent");
+}
+
 #[test]
 fn sigterm_during_deliveries_loses_nothing() {
     let rx = Receiver::start();
