@@ -291,7 +291,7 @@ fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) -> bool {
         Msg::Attempted(key) => queue.attempted(key),
         Msg::Finished(key, next) => queue.finished(key, next),
         Msg::Unrecorded(key, retry) => {
-            queue.unrecorded(key, Some(retry));
+            queue.unrecorded(key, retry);
             return true;
         }
         Msg::NotIndexed(due) => {

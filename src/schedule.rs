@@ -236,15 +236,20 @@ impl Queue {
     /// `key` is over and stored; `next` is its stored next due entry, if any.
     pub fn finished(&mut self, key: DeliveryKey, next: Option<Due>) {
         self.unindexed.remove(&key);
-        self.unrecorded(key, next);
+        self.land(key, next);
     }
 
     /// The outcome of `key` could not be stored, so the store's index is as
     /// before (an unindexed delivery stays so); try again at `retry`.
-    pub fn unrecorded(&mut self, key: DeliveryKey, retry: Option<Due>) {
+    pub fn unrecorded(&mut self, key: DeliveryKey, retry: Due) {
+        self.land(key, Some(retry));
+    }
+
+    /// `key` is no longer in flight; `next` is its entry from now on, if any.
+    fn land(&mut self, key: DeliveryKey, next: Option<Due>) {
         self.attempted(key);
         self.in_flight.remove(&key);
-        if let Some(d) = retry {
+        if let Some(d) = next {
             self.insert(d);
         }
     }
@@ -734,7 +739,7 @@ mod tests {
         q.insert_unindexed(due(5, 1));
         let k = q.pop_key(10).unwrap();
         // Its retry lies beyond the window: it must be let go, not left to the store.
-        q.unrecorded(k, Some(due(later, 1)));
+        q.unrecorded(k, due(later, 1));
         assert_eq!(q.take_let_go(), [due(later, 1)]);
         // Once the outcome is stored, the store has whatever comes next.
         q.insert_unindexed(due(5, 2));

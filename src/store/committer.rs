@@ -208,10 +208,7 @@ impl Committer {
             .into_iter()
             .map(|r| {
                 let needed = if matches!(r.op, Op::Ingest(_)) { self.min_free } else { self.min_free / 4 };
-                let answer = match free {
-                    Some(free) if free < needed => Err(StoreError::DiskFull { free, needed }),
-                    _ => self.apply(&mut p, r.op),
-                };
+                let answer = room(free, needed).and_then(|()| self.apply(&mut p, r.op));
                 (answer, r.reply)
             })
             .collect();
@@ -309,9 +306,16 @@ impl Committer {
         RangeChanges { left, new }
     }
 
-    /// Whether `key` has no due entry because it was never indexed.
-    fn is_unindexed(&self, p: &Pending, key: &DeliveryKey) -> bool {
-        !p.indexed.contains(key) && (self.unindexed.contains_key(key) || p.unindexed_new.contains(key))
+    /// Whether `key` has no due entry because it was never indexed; if so,
+    /// it stops being unindexed with this batch (its caller gives it an
+    /// entry, or it no longer needs one).
+    fn settle_unindexed(&self, p: &mut Pending, key: DeliveryKey) -> bool {
+        let unindexed = !p.indexed.contains(&key)
+            && (self.unindexed.contains_key(&key) || p.unindexed_new.contains(&key));
+        if unindexed {
+            p.indexed.insert(key);
+        }
+        unindexed
     }
 
     /// Gives every delivery that the last run left unindexed its due entry,
@@ -329,11 +333,7 @@ impl Committer {
         let mut indexed = 0;
         for (first, last) in ranges {
             // sled must not meet a full disk, here either.
-            let needed = self.min_free / 4;
-            match free_bytes(&self.dir) {
-                Some(free) if free < needed => return Err(StoreError::DiskFull { free, needed }),
-                _ => {}
-            }
+            room(free_bytes(&self.dir), self.min_free / 4)?;
             let mut p = Pending::default();
             for kv in self.db.range(keys::event(first)..=keys::event(last)) {
                 let (k, v) = kv?;
@@ -380,9 +380,7 @@ impl Committer {
             Op::Index(keys) => self.index(p, keys).map(Reply::Queued),
             Op::SetAside(due) => {
                 // The dispatcher's entry may be stale (gone from the index).
-                if self.is_unindexed(p, &due.key) {
-                    p.indexed.insert(due.key);
-                } else if p.get(&self.db, &keys::due(due))?.is_some() {
+                if !self.settle_unindexed(p, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
                     self.remove_due(p, due)?;
                 }
                 p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
@@ -507,15 +505,10 @@ impl Committer {
     fn index(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>) -> Result<Vec<Due>, StoreError> {
         let mut due = Vec::new();
         for key in keys {
-            let unindexed = self.is_unindexed(p, &key);
-            let Some(entry) = self.waiting_entry(p, key)? else {
-                if unindexed {
-                    p.indexed.insert(key);
-                }
-                continue;
-            };
+            let entry = self.waiting_entry(p, key)?;
+            let unindexed = self.settle_unindexed(p, key);
+            let Some(entry) = entry else { continue };
             if unindexed {
-                p.indexed.insert(key);
                 self.add_due(p, entry)?;
             }
             due.push(entry);
@@ -610,9 +603,7 @@ impl Committer {
         if old_next != record.next_attempt_at {
             let due = |at: i64| Due { at_ms: at.max(0) as u64, key };
             if let Some(at) = old_next {
-                if self.is_unindexed(p, &key) {
-                    p.indexed.insert(key);
-                } else {
+                if !self.settle_unindexed(p, key) {
                     self.remove_due(p, due(at))?;
                 }
             }
@@ -715,6 +706,14 @@ fn sync_loop(db: sled::Db, file: File, applied: mpsc::Receiver<Answers>) {
             tracing::error!(error = %e, "storage sync failed; stopping, so that a fresh start reads what is on disk");
             std::process::exit(1);
         }
+    }
+}
+
+/// Whether `free` bytes (if known) leave the `needed` room for a write.
+fn room(free: Option<u64>, needed: u64) -> Result<(), StoreError> {
+    match free {
+        Some(free) if free < needed => Err(StoreError::DiskFull { free, needed }),
+        _ => Ok(()),
     }
 }
 

@@ -133,21 +133,21 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = match db.get(keys::LAYOUT)? {
         Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
         Some(v) if *v == [2] => return count_due_entries(db),
-        // Layout 4 only adds `F` ranges, and a layout-3 database has none.
-        Some(v) if *v == [3] => {
-            db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
-            db.flush()?;
-            return Ok(());
-        }
-        Some(v) => format!("layout {}", v.first().copied().unwrap_or(0)),
-        None if db.is_empty() => {
-            db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
-            db.flush()?;
-            return Ok(());
-        }
-        None => "data of an earlier development build (layout 1)".into(),
+        // Layout 4 only adds `F` ranges, and a layout-3 database has none:
+        // like a new one, it only needs the mark.
+        Some(v) if *v == [3] => None,
+        Some(v) => Some(format!("layout {}", v.first().copied().unwrap_or(0))),
+        None if db.is_empty() => None,
+        None => Some("data of an earlier development build (layout 1)".into()),
     };
-    Err(StoreError::Layout { path: path.to_owned(), found })
+    match found {
+        Some(found) => Err(StoreError::Layout { path: path.to_owned(), found }),
+        None => {
+            db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION])?;
+            db.flush()?;
+            Ok(())
+        }
+    }
 }
 
 /// Layout 2 to 4: counts the due index per second (`H` keys), once.
@@ -587,6 +587,11 @@ mod tests {
         rx.await.unwrap().unwrap();
     }
 
+    /// Records an outcome without an attempt to show for it.
+    async fn record_status(store: &Store, key: DeliveryKey, status: Status, next_attempt_at: Option<i64>) {
+        record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at }).await;
+    }
+
     #[test]
     fn a_database_of_another_layout_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
@@ -638,12 +643,10 @@ mod tests {
             assert_eq!(store.count_due(now).unwrap(), 9);
             assert_eq!(counted(&store, now), 0, "new deliveries have no due entries");
             // One succeeds, two are retried later, one of them twice.
-            let outcome =
-                |d: &Due, status, next| Outcome { key: d.key, attempt: None, status, next_attempt_at: next };
-            record_outcome(&store, outcome(&due[0], Status::Succeeded, None)).await;
-            record_outcome(&store, outcome(&due[1], Status::Retrying, Some(later as i64))).await;
-            record_outcome(&store, outcome(&due[2], Status::Retrying, Some(later as i64 + 5))).await;
-            record_outcome(&store, outcome(&due[2], Status::Retrying, Some(later as i64 + 1500))).await;
+            record_status(&store, due[0].key, Status::Succeeded, None).await;
+            record_status(&store, due[1].key, Status::Retrying, Some(later as i64)).await;
+            record_status(&store, due[2].key, Status::Retrying, Some(later as i64 + 5)).await;
+            record_status(&store, due[2].key, Status::Retrying, Some(later as i64 + 1500)).await;
             // Setting aside an entry no longer in the index changes no count.
             let (tx, rx) = oneshot::channel();
             store.set_aside(due[0], move |r| drop(tx.send(r)));
@@ -701,17 +704,9 @@ mod tests {
             }
             // The first event's deliveries are over: its range is dropped.
             for d in &due[..2] {
-                let o =
-                    Outcome { key: d.key, attempt: None, status: Status::Succeeded, next_attempt_at: None };
-                record_outcome(&store, o).await;
+                record_status(&store, d.key, Status::Succeeded, None).await;
             }
-            let o = Outcome {
-                key: due[2].key,
-                attempt: None,
-                status: Status::Retrying,
-                next_attempt_at: Some(1 << 50),
-            };
-            record_outcome(&store, o).await;
+            record_status(&store, due[2].key, Status::Retrying, Some(1 << 50)).await;
             assert_eq!(store.count_due(clock::now_ms() as u64).unwrap(), 3);
             assert_eq!(counted(&store, u64::MAX / 2), 1);
         }
@@ -791,13 +786,7 @@ mod tests {
                 panic!()
             };
             assert!(second[0].key.seq > first[0].key.seq);
-            let o = Outcome {
-                key: first[0].key,
-                attempt: None,
-                status: Status::Retrying,
-                next_attempt_at: Some(1 << 50),
-            };
-            record_outcome(&store, o).await;
+            record_status(&store, first[0].key, Status::Retrying, Some(1 << 50)).await;
         }
         // Reopened: everything acknowledged is there, the due index moved.
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
