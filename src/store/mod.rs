@@ -587,6 +587,17 @@ mod tests {
         rx.await.unwrap().unwrap();
     }
 
+    /// Works on the database under `dir` with sled directly; returns once
+    /// sled has let go of its lock, so that the store can open it at once.
+    fn raw<T>(dir: &Path, f: impl FnOnce(&sled::Db) -> T) -> T {
+        let db = sled::open(dir).unwrap();
+        let unlocked = WaitForUnlock(File::open(dir.join("db")).unwrap());
+        let out = f(&db);
+        drop(db);
+        drop(unlocked);
+        out
+    }
+
     /// Records an outcome without an attempt to show for it.
     async fn record_status(store: &Store, key: DeliveryKey, status: Status, next_attempt_at: Option<i64>) {
         record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at }).await;
@@ -598,22 +609,22 @@ mod tests {
         drop(Store::open(dir.path(), &OPTIONS).unwrap());
         let reopen = || Store::open(dir.path(), &OPTIONS).map(drop);
         reopen().expect("its own layout opens");
-        let raw = |f: &dyn Fn(&sled::Db)| f(&sled::open(dir.path()).unwrap());
+        let on_disk = |f: &dyn Fn(&sled::Db)| raw(dir.path(), f);
         // Layout 3 lacks only `F` ranges, which it cannot have: upgraded as is.
-        raw(&|db| drop(db.insert(keys::LAYOUT, &[3]).unwrap()));
+        on_disk(&|db| drop(db.insert(keys::LAYOUT, &[3]).unwrap()));
         reopen().expect("layout 3 opens");
-        raw(&|db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
-        raw(&|db| drop(db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION + 1]).unwrap()));
+        on_disk(&|db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
+        on_disk(&|db| drop(db.insert(keys::LAYOUT, &[keys::LAYOUT_VERSION + 1]).unwrap()));
         let e = reopen().unwrap_err();
         let newer = format!("layout {}", keys::LAYOUT_VERSION + 1);
         assert!(matches!(&e, StoreError::Layout { found, .. } if *found == newer), "{e}");
         // Data without any marker is an earlier build's: refused, and left as it was.
-        raw(&|db| {
+        on_disk(&|db| {
             db.remove(keys::LAYOUT).unwrap();
             db.insert(b"D-older", &[1]).unwrap();
         });
         assert!(matches!(reopen(), Err(StoreError::Layout { .. })));
-        raw(&|db| assert!(db.get(keys::LAYOUT).unwrap().is_none() && db.len() == 1));
+        on_disk(&|db| assert!(db.get(keys::LAYOUT).unwrap().is_none() && db.len() == 1));
     }
 
     /// The due index counted entry by entry, as `count_due` did before the
@@ -664,13 +675,13 @@ mod tests {
             }
         }
         // Counts of a layout 2 database (which had none) are made at open.
-        let raw = sled::open(dir.path()).unwrap();
-        for k in raw.scan_prefix([keys::DUE_COUNT]).keys() {
-            raw.remove(k.unwrap()).unwrap();
-        }
-        raw.insert(keys::LAYOUT, &[2]).unwrap();
-        raw.flush().unwrap();
-        drop(raw);
+        raw(dir.path(), |db| {
+            for k in db.scan_prefix([keys::DUE_COUNT]).keys() {
+                db.remove(k.unwrap()).unwrap();
+            }
+            db.insert(keys::LAYOUT, &[2]).unwrap();
+            db.flush().unwrap();
+        });
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         for t in moments {
             assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t} after the upgrade");
@@ -685,7 +696,7 @@ mod tests {
     }
 
     fn ranges(dir: &Path) -> usize {
-        sled::open(dir).unwrap().scan_prefix([keys::FRESH_RANGE]).count()
+        raw(dir, |db| db.scan_prefix([keys::FRESH_RANGE]).count())
     }
 
     #[tokio::test]
@@ -713,7 +724,7 @@ mod tests {
         // As after a crash: the store stopped with three never attempted,
         // one of which was set aside as unreadable meanwhile.
         assert_eq!(ranges(dir.path()), 2);
-        sled::open(dir.path()).unwrap().insert(keys::set_aside(due[5].key), &0u64.to_be_bytes()).unwrap();
+        raw(dir.path(), |db| db.insert(keys::set_aside(due[5].key), &0u64.to_be_bytes()).unwrap());
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let now = clock::now_ms() as u64;
         assert_eq!(store.scan_due(Due::at(0), now, 100).unwrap(), due[3..5]);
@@ -741,7 +752,7 @@ mod tests {
         };
         // Damaged while the daemon was down: found through the webhooks
         // instead, to be set aside at their attempts.
-        sled::open(dir.path()).unwrap().insert(keys::event(due[0].key.seq), &[0xff]).unwrap();
+        raw(dir.path(), |db| db.insert(keys::event(due[0].key.seq), &[0xff]).unwrap());
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         assert_eq!(store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap(), due);
         drop(store);
