@@ -186,6 +186,10 @@ pub struct Daemon {
     pub base: String,
     pub dir: tempfile::TempDir,
     server_extra: String,
+    /// The sled directory: `dir/data` unless the test chose another place.
+    pub storage: PathBuf,
+    /// Extra arguments after `run --config FILE`.
+    pub run_args: Vec<String>,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -198,6 +202,19 @@ impl Daemon {
     /// Starts the daemon with `[server]` and `[storage]` filled in and `rest`
     /// (delivery settings, webhooks) appended.
     pub fn start(server_extra: &str, rest: &str) -> Daemon {
+        Daemon::start_with_storage(None, server_extra, rest)
+    }
+
+    /// Like [`Daemon::start`], with the sled directory at `storage` (on a
+    /// filesystem the test controls) instead of in the temp directory.
+    pub fn start_with_storage(storage: Option<&Path>, server_extra: &str, rest: &str) -> Daemon {
+        let mut d = Daemon::configured(storage, server_extra, rest);
+        d.spawn();
+        d
+    }
+
+    /// The daemon's temp directory and config file, not started yet.
+    pub fn configured(storage: Option<&Path>, server_extra: &str, rest: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let agent = ureq::Agent::config_builder()
@@ -205,15 +222,17 @@ impl Daemon {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .new_agent();
-        let mut d = Daemon {
+        let storage = storage.map(Path::to_owned).unwrap_or_else(|| dir.path().join("data"));
+        let d = Daemon {
             base: format!("http://127.0.0.1:{port}"),
             dir,
             server_extra: server_extra.to_owned(),
+            storage,
+            run_args: Vec::new(),
             child: None,
             agent,
         };
         d.write_config(rest);
-        d.spawn();
         d
     }
 
@@ -223,7 +242,7 @@ impl Daemon {
             "[server]\nlisten = \"{}\"\n{}\n\n[storage]\npath = \"{}\"\n\n{rest}",
             self.base.trim_start_matches("http://"),
             self.server_extra,
-            self.dir.path().join("data").display()
+            self.storage.display()
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -258,6 +277,7 @@ impl Daemon {
         let child = Command::new(bin())
             .args(["run", "--config"])
             .arg(self.config_path())
+            .args(&self.run_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -300,6 +320,48 @@ impl Daemon {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
+    }
+
+    /// Starts the daemon expecting it to fail: waits for it to exit and
+    /// returns its exit code and what it printed to stderr (the log).
+    pub fn start_failing(&mut self, limit: Duration) -> (Option<i32>, String) {
+        assert!(self.child.is_none(), "still running");
+        let out = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .args(&self.run_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = out.id();
+        let deadline = Instant::now() + limit;
+        let mut out = Some(out);
+        loop {
+            if let Ok(Some(_)) = out.as_mut().unwrap().try_wait() {
+                let o = out.take().unwrap().wait_with_output().unwrap();
+                return (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned());
+            }
+            if Instant::now() >= deadline {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let o = out.take().unwrap().wait_with_output().unwrap();
+                panic!("daemon still running after {limit:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The running daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Whether the daemon process has exited (reaping it if so); its exit code.
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status.code())
     }
 
     pub fn request(
