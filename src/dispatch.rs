@@ -12,6 +12,11 @@
 //! attempted again after restart (at-least-once). New deliveries arrive
 //! unindexed; those the queue lets go are sent back to the store to be
 //! indexed, and come back as ordinary entries.
+//!
+//! The task runs on the async runtime, so it never calls sled itself: its
+//! reads of the due index go through [`Store::read`] (tokio's blocking pool)
+//! and are awaited in turn, like a message. The workers are plain threads
+//! and read with a [`Reader`] of their own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,7 +34,7 @@ use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Policy, Queue, Refill};
 use crate::sign;
-use crate::store::{Attempt, DeliveryKey, Due, EventRecord, Outcome, Status, Store};
+use crate::store::{Attempt, DeliveryKey, Due, EventRecord, Outcome, Reader, Status, Store, StoreError};
 
 /// How far ahead due entries are held in memory.
 const WINDOW: Duration = Duration::from_secs(30);
@@ -88,7 +93,9 @@ pub struct Engine {
 /// One delivery thread's state. Each has its own HTTP agent (and so its own
 /// keep-alive connections), rebuilt when a reload brings a new config.
 struct Worker {
+    /// For writes, through the committer.
     store: Store,
+    reader: Reader,
     config: config::Shared,
     metrics: Metrics,
     sender: Option<(Arc<Config>, Sender)>,
@@ -111,17 +118,14 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
     let jobs = Arc::new(Jobs::default());
     let workers = (0..n)
         .map(|i| {
-            let mut w = Worker {
-                store: store.clone(),
-                config: config.clone(),
-                metrics: metrics.clone(),
-                sender: None,
-                done: tx.clone(),
-            };
+            let (store, config, metrics, done) = (store.clone(), config.clone(), metrics.clone(), tx.clone());
             let jobs = jobs.clone();
             thread::Builder::new()
                 .name(format!("deliver-{i}"))
                 .spawn(move || {
+                    // Taken on this thread: a reader is not for the runtime's.
+                    let reader = store.reader();
+                    let mut w = Worker { store, reader, config, metrics, sender: None, done };
                     while let Some((due, fresh)) = jobs.take() {
                         w.attempt(due, fresh);
                     }
@@ -165,9 +169,16 @@ async fn run(
     let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
     loop {
-        let now = clock::now_ms() as u64;
-        if now >= store_failing_until {
-            if let Err(e) = refill(&store, &mut queue, now) {
+        let mut now = clock::now_ms() as u64;
+        if now >= store_failing_until && queue.refill(now).is_some() {
+            // Nothing else happens meanwhile (messages wait in the channel),
+            // but a stop need not wait for a store that does not answer.
+            let refilled = tokio::select! {
+                refilled = refill(&store, &mut queue, now) => refilled,
+                _ = shutdown.notified() => return,
+            };
+            now = clock::now_ms() as u64;
+            if let Err(e) = refilled {
                 tracing::error!(error = %e, "cannot read the due index; retrying in 1s");
                 store_failing_until = now + STORE_RETRY_MS;
             }
@@ -321,22 +332,30 @@ fn index(store: &Store, tx: &mpsc::UnboundedSender<Msg>, let_go: Vec<Due>) {
     });
 }
 
-fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), crate::store::StoreError> {
+/// Reads what the queue asks for until it asks for nothing more, one
+/// blocking-pool hop per read. The queue is this task's alone, so it sees
+/// each answer as if read in place.
+async fn refill(store: &Store, queue: &mut Queue, now: u64) -> Result<(), StoreError> {
     while let Some(r) = queue.refill(now) {
-        match r {
-            Refill::Window { from, until_ms, limit } => {
-                let entries = store.scan_due(from, until_ms, limit)?;
-                let next =
-                    if entries.len() < limit { store.first_due_from(Due::at(until_ms + 1))? } else { None };
-                queue.refilled(r, entries, next);
-            }
-            Refill::Webhook { webhook, from, until, limit, scan } => {
-                let (entries, next) = store.scan_webhook_due(webhook, from, until, limit, scan)?;
-                queue.refilled(r, entries, next);
-            }
-        }
+        let (entries, next) = store.read(move |store| read_refill(store, r)).await?;
+        queue.refilled(r, entries, next);
     }
     Ok(())
+}
+
+/// The store's answer to `r`, as [`Queue::refilled`] takes it.
+fn read_refill(store: &Reader, r: Refill) -> Result<(Vec<Due>, Option<Due>), StoreError> {
+    match r {
+        Refill::Window { from, until_ms, limit } => {
+            let entries = store.scan_due(from, until_ms, limit)?;
+            let next =
+                if entries.len() < limit { store.first_due_from(Due::at(until_ms + 1))? } else { None };
+            Ok((entries, next))
+        }
+        Refill::Webhook { webhook, from, until, limit, scan } => {
+            store.scan_webhook_due(webhook, from, until, limit, scan)
+        }
+    }
 }
 
 impl Worker {
@@ -355,7 +374,7 @@ impl Worker {
     /// been told).
     fn load(&mut self, due: Due) -> Option<(Arc<EventRecord>, usize)> {
         let key = due.key;
-        let (event, delivery) = match (self.store.event(key.seq), self.store.delivery(key)) {
+        let (event, delivery) = match (self.reader.event(key.seq), self.reader.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
             (e, d) => {
                 // Written by another version, or damaged: keep it, but out of

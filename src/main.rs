@@ -350,7 +350,8 @@ async fn cancel_waiting(
     store: &store::Store,
     stopped: &std::collections::HashSet<uuid::Uuid>,
 ) -> Result<usize, store::StoreError> {
-    let keys = store.waiting_deliveries(|w| stopped.contains(w))?;
+    let wanted = stopped.clone();
+    let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
     let mut cancelled = 0;
     for chunk in keys.chunks(1000) {
         cancelled += store.cancel(chunk.to_vec(), Vec::new()).await?;

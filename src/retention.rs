@@ -45,7 +45,7 @@ async fn prune_once(store: &Store, retention: Duration) -> Result<usize, StoreEr
     let cutoff = first_seq_at(clock::now_ms() - retention.as_millis() as i64);
     let (mut after, mut deleted) = (0, 0);
     loop {
-        let seqs = store.events_between(after, cutoff, BATCH)?;
+        let seqs = store.read(move |store| store.events_between(after, cutoff, BATCH)).await?;
         if seqs.is_empty() {
             return Ok(deleted);
         }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{delivery_json, enabled, parse_id, requeue, ApiError, AppState};
 use crate::clock;
 use crate::event::{self, EventType, IngestError};
-use crate::store::{EventRecord, Ingested, NewEvent, Status, StoreError};
+use crate::store::{DeliveryKey, DeliveryRecord, EventRecord, Ingested, NewEvent, Status, StoreError};
 
 /// `POST /v1/events`.
 pub async fn ingest(
@@ -67,12 +67,21 @@ async fn store_event(state: &AppState, event: NewEvent) -> Result<Response, ApiE
     }
 }
 
-/// The event's sequence number and record, or a 404.
-fn find(state: &AppState, event_id: &str) -> Result<(u64, EventRecord), ApiError> {
+/// The event with this id and its deliveries (in webhook-id order), or a 404.
+async fn find(
+    state: &AppState,
+    event_id: &str,
+) -> Result<(EventRecord, Vec<(DeliveryKey, DeliveryRecord)>), ApiError> {
     let id = parse_id(event_id, "event")?;
-    let not_found = || ApiError::not_found(format!("no event {id}"));
-    let seq = state.store.find_event(&id)?.ok_or_else(not_found)?;
-    Ok((seq, state.store.event(seq)?.ok_or_else(not_found)?))
+    let found = state
+        .store
+        .read(move |store| {
+            let Some(seq) = store.find_event(&id)? else { return Ok(None) };
+            let Some(event) = store.event(seq)? else { return Ok(None) };
+            Ok(Some((event, store.deliveries(seq)?)))
+        })
+        .await?;
+    found.ok_or_else(|| ApiError::not_found(format!("no event {id}")))
 }
 
 /// `GET /v1/events/{event_id}`.
@@ -80,8 +89,8 @@ pub async fn show(
     State(state): State<AppState>,
     Path(event_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (seq, event) = find(&state, &event_id)?;
-    let deliveries: Vec<Value> = state.store.deliveries(seq)?.iter().map(|(_, d)| delivery_json(d)).collect();
+    let (event, deliveries) = find(&state, &event_id).await?;
+    let deliveries: Vec<Value> = deliveries.iter().map(|(_, d)| delivery_json(d)).collect();
     let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
     Ok(Json(json!({
         "event_id": event.event_id,
@@ -108,16 +117,11 @@ pub async fn redeliver(
     query: Result<Query<RedeliverQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
-    let (seq, event) = find(&state, &event_id)?;
+    let (event, deliveries) = find(&state, &event_id).await?;
     let only = query.webhook_id.as_deref().map(|w| parse_id(w, "webhook")).transpose()?;
     let config = state.config.get();
-    let keys: Vec<_> = state
-        .store
-        .deliveries(seq)?
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| only.is_none_or(|w| w == k.webhook))
-        .collect();
+    let keys: Vec<_> =
+        deliveries.into_iter().map(|(k, _)| k).filter(|k| only.is_none_or(|w| w == k.webhook)).collect();
     if let (Some(w), true) = (only, keys.is_empty()) {
         return Err(ApiError::not_found(format!("event {} has no delivery to webhook {w}", event.event_id)));
     }

@@ -3,9 +3,12 @@
 //!
 //! Handlers validate input with [`crate::event`], hand writes to the
 //! [`Store`] and newly due deliveries to the [`Dispatcher`]; they never touch
-//! sled or make outbound requests themselves. Every error answer has the
-//! contract's shape `{"error": {"code", "message"}}`. [`events`] serves the
-//! event calls, [`webhooks`] the per-webhook ones.
+//! sled or make outbound requests themselves. They read only through
+//! [`Store::read`], off the runtime's threads, so a stuck store holds up the
+//! requests that wait for it and nothing else; `/healthz` touches no state.
+//! Every error answer has the contract's shape `{"error": {"code",
+//! "message"}}`. [`events`] serves the event calls, [`webhooks`] the
+//! per-webhook ones.
 
 mod events;
 mod webhooks;
@@ -143,6 +146,8 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     next.run(req).await
 }
 
+/// `GET /healthz`: the process answers HTTP. It takes no state and must
+/// never touch storage, so it answers even while the store is stuck.
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -151,28 +156,28 @@ async fn healthz() -> Json<Value> {
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let now = clock::now_ms().max(0) as u64;
     let config = state.config.get();
-    let store = state.store.clone();
-    let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot, StoreError> {
-        let mut waiting = 0;
-        let mut webhooks = Vec::new();
-        for w in config.webhooks() {
-            let s = store.webhook_stats(&w.id)?;
-            waiting += s.count(Status::Pending) + s.count(Status::Retrying);
-            webhooks.push((w.id, s.consecutive_failures, s.last_success_ms.map(|t| t as f64 / 1000.0)));
-        }
-        let oldest = store.oldest_due_ms(now)?;
-        let due_now = store.count_due(now)?;
-        Ok(Snapshot {
-            due_now,
-            scheduled_later: waiting.saturating_sub(due_now),
-            oldest_due_age_seconds: oldest.map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0),
-            storage_bytes: store.size_on_disk(),
-            set_aside: store.set_aside_count() as u64,
-            webhooks,
+    let snapshot = state
+        .store
+        .read(move |store| {
+            let mut waiting = 0;
+            let mut webhooks = Vec::new();
+            for w in config.webhooks() {
+                let s = store.webhook_stats(&w.id)?;
+                waiting += s.count(Status::Pending) + s.count(Status::Retrying);
+                webhooks.push((w.id, s.consecutive_failures, s.last_success_ms.map(|t| t as f64 / 1000.0)));
+            }
+            let oldest = store.oldest_due_ms(now)?;
+            let due_now = store.count_due(now)?;
+            Ok(Snapshot {
+                due_now,
+                scheduled_later: waiting.saturating_sub(due_now),
+                oldest_due_age_seconds: oldest.map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0),
+                storage_bytes: store.size_on_disk(),
+                set_aside: store.set_aside_count() as u64,
+                webhooks,
+            })
         })
-    })
-    .await
-    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        .await?;
     let body = state.metrics.render(snapshot);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
 }

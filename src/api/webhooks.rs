@@ -5,25 +5,30 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 use super::{attempt_json, configured, enabled, parse_id, requeue, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
-use crate::store::{first_seq_at, seq_time_ms, Status};
+use crate::store::{first_seq_at, seq_time_ms, Status, WebhookStats};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
+/// The delivery stats of these webhooks, in their order.
+async fn stats_of(state: &AppState, ids: Vec<Uuid>) -> Result<Vec<WebhookStats>, ApiError> {
+    Ok(state.store.read(move |store| ids.iter().map(|id| store.webhook_stats(id)).collect()).await?)
+}
+
 /// A webhook's configuration (secret redacted) and its delivery health.
-fn webhook_json(state: &AppState, w: &Webhook) -> Result<Value, ApiError> {
-    let stats = state.store.webhook_stats(&w.id)?;
+fn webhook_json(w: &Webhook, stats: &WebhookStats) -> Value {
     let events: Vec<&str> = match &w.events {
         Events::All => vec!["*"],
         Events::Only(list) => list.iter().map(|t| t.as_str()).collect(),
     };
     let counts: serde_json::Map<String, Value> =
         Status::ALL.iter().map(|s| (s.as_str().to_owned(), json!(stats.count(*s)))).collect();
-    Ok(json!({
+    json!({
         "id": w.id,
         "client_id": w.client_id,
         "url": w.url,
@@ -38,14 +43,15 @@ fn webhook_json(state: &AppState, w: &Webhook) -> Result<Value, ApiError> {
             "consecutive_failures": stats.consecutive_failures,
             "deliveries": counts,
         },
-    }))
+    })
 }
 
 /// `GET /v1/webhooks`.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let config = state.config.get();
-    let webhooks =
-        config.webhooks().iter().map(|w| webhook_json(&state, w)).collect::<Result<Vec<_>, _>>()?;
+    let stats = stats_of(&state, config.webhooks().iter().map(|w| w.id).collect()).await?;
+    let webhooks: Vec<Value> =
+        config.webhooks().iter().zip(&stats).map(|(w, s)| webhook_json(w, s)).collect();
     Ok(Json(json!({ "webhooks": webhooks })))
 }
 
@@ -53,7 +59,9 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "webhook")?;
     let config = state.config.get();
-    Ok(Json(webhook_json(&state, configured(&config, &id)?)?))
+    let webhook = configured(&config, &id)?;
+    let stats = stats_of(&state, vec![id]).await?;
+    Ok(Json(webhook_json(webhook, &stats[0])))
 }
 
 #[derive(Deserialize)]
@@ -98,10 +106,18 @@ pub async fn deliveries(
             c.parse::<u64>().map_err(|_| ApiError::invalid("cursor", "cursor is not one this API gave out"))
         })
         .transpose()?;
-    let page = state.store.webhook_deliveries(id, before, status, limit)?;
+    let (page, events) = state
+        .store
+        .read(move |store| {
+            let page = store.webhook_deliveries(id, before, status, limit)?;
+            let events: Result<Vec<_>, _> =
+                page.deliveries.iter().map(|(key, _)| store.event(key.seq)).collect();
+            Ok((page, events?))
+        })
+        .await?;
     let mut out = Vec::with_capacity(page.deliveries.len());
-    for (key, d) in &page.deliveries {
-        let Some(event) = state.store.event(key.seq)? else { continue };
+    for ((key, d), event) in page.deliveries.iter().zip(events) {
+        let Some(event) = event else { continue };
         out.push(json!({
             "event_id": event.event_id,
             "event_type": event.event_type.as_str(),
@@ -135,7 +151,8 @@ pub async fn recover(
         q.since.ok_or_else(|| ApiError::invalid("since", "missing query parameter `since` (RFC 3339)"))?;
     let since_ms = clock::parse_rfc3339_ms(&since)
         .ok_or_else(|| ApiError::invalid("since", format!("{since:?} is not an RFC 3339 timestamp")))?;
-    let keys = state.store.webhook_delivery_keys_since(id, first_seq_at(since_ms))?;
+    let keys =
+        state.store.read(move |store| store.webhook_delivery_keys_since(id, first_seq_at(since_ms))).await?;
     let mut requeued = 0;
     // Bounded batches keep each committer request small.
     for chunk in keys.chunks(1000) {

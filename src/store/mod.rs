@@ -3,9 +3,15 @@
 //! Every mutation is a request to the [`committer`], which applies whatever
 //! requests are waiting as one atomic batch and answers only after flush and
 //! `fdatasync` (group commit). An answer therefore means "on disk", which is
-//! what lets the API acknowledge an event. Reads go straight to sled from any
-//! thread. The keyspace is described in [`keys`]; values go through
-//! [`codec`].
+//! what lets the API acknowledge an event. Reads go straight to sled, but
+//! never on the async runtime's threads: a sled call can block (behind a
+//! batch being applied, or for good once a failing disk wedges sled), and a
+//! runtime thread stuck in one would stall the HTTP server, timers and
+//! signal handling with it. So the reads are methods of [`Reader`], not of
+//! [`Store`]: async code reads through [`Store::read`], which runs a closure
+//! on tokio's blocking pool; a plain thread of its own (a delivery worker)
+//! uses [`Store::reader`]. The keyspace is described in [`keys`]; values go
+//! through [`codec`].
 //!
 //! This module knows nothing of HTTP, configuration or scheduling policy.
 
@@ -315,11 +321,6 @@ impl Store {
         );
     }
 
-    /// How many deliveries have been set aside as unreadable.
-    pub fn set_aside_count(&self) -> usize {
-        self.inner.db.scan_prefix([keys::SET_ASIDE]).count()
-    }
-
     /// Queues the deliveries among `keys` whose status is in `from` for an
     /// attempt now, with a fresh retry schedule; returns their due entries.
     pub async fn requeue(
@@ -356,6 +357,69 @@ impl Store {
         }
     }
 
+    /// Runs `f` on tokio's blocking pool and waits for its answer without
+    /// holding a runtime thread. The only way async code reads the store: a
+    /// sled call can block, behind a batch being applied or for good on a
+    /// failing disk, and on a runtime thread that would stall every task
+    /// scheduled there (HTTP, timers, signals). Make all the reads one answer
+    /// needs in one call: each call is a hop to another thread.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.new_reader();
+        match tokio::task::spawn_blocking(move || f(&reader)).await {
+            Ok(answer) => answer,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// A reader for a plain OS thread of the caller's own (the delivery
+    /// workers), which may block in it. Never for the async runtime's
+    /// threads, nor for a task on tokio's blocking pool (that is what
+    /// [`Store::read`] is for): panics when called on a thread inside a tokio
+    /// runtime, so get it on the thread that will use it.
+    pub fn reader(&self) -> Reader {
+        assert!(
+            tokio::runtime::Handle::try_current().is_err(),
+            "Store::reader on a tokio thread: read through Store::read instead"
+        );
+        self.new_reader()
+    }
+
+    fn new_reader(&self) -> Reader {
+        Reader { db: self.inner.db.clone(), unindexed: self.inner.unindexed.clone() }
+    }
+
+    /// Flushes and syncs everything written so far (for a clean stop).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        self.inner.data_file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Every read of the database, as synchronous sled calls that can block for
+/// as long as sled does (behind a batch being applied; for good on a failing
+/// disk). Cheap to clone: a handle on the database, not on the committer,
+/// so a reader stuck in sled keeps no one from stopping the store. Kept off
+/// the async runtime's threads: async code gets one only inside
+/// [`Store::read`], a thread of its own from [`Store::reader`].
+#[derive(Clone)]
+pub struct Reader {
+    db: sled::Db,
+    /// Deliveries without a due entry yet, counted by the committer.
+    unindexed: Arc<UnindexedGauge>,
+}
+
+impl Reader {
+    /// How many deliveries have been set aside as unreadable.
+    pub fn set_aside_count(&self) -> usize {
+        self.db.scan_prefix([keys::SET_ASIDE]).count()
+    }
+
     /// The sequence number of the event with this id.
     pub fn find_event(&self, event_id: &Uuid) -> Result<Option<u64>, StoreError> {
         if let Some(seq) = seq_in_event_id(event_id) {
@@ -363,7 +427,7 @@ impl Store {
                 return Ok(Some(seq));
             }
         }
-        Ok(self.inner.db.get(keys::index(event_id))?.map(|v| keys::u64_at(&v, 0)))
+        Ok(self.db.get(keys::index(event_id))?.map(|v| keys::u64_at(&v, 0)))
     }
 
     pub fn event(&self, seq: u64) -> Result<Option<EventRecord>, StoreError> {
@@ -379,7 +443,7 @@ impl Store {
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        self.inner.db.get(key)?.map(|v| codec::decode(key, &v)).transpose()
+        self.db.get(key)?.map(|v| codec::decode(key, &v)).transpose()
     }
 
     /// Every delivery of one event, in webhook-id order.
@@ -408,7 +472,7 @@ impl Store {
         let start = keys::delivery(DeliveryKey { seq: 0, webhook });
         let end = keys::delivery(DeliveryKey { seq: before.unwrap_or(u64::MAX), webhook });
         let mut deliveries = Vec::new();
-        for kv in self.inner.db.range(start..end).rev() {
+        for kv in self.db.range(start..end).rev() {
             let (k, v) = kv?;
             let (key, record): (_, DeliveryRecord) = (keys::parse_delivery(&k), codec::decode(&k, &v)?);
             if status.is_none_or(|s| s == record.status) {
@@ -432,13 +496,13 @@ impl Store {
     ) -> Result<Vec<DeliveryKey>, StoreError> {
         let start = keys::delivery(DeliveryKey { seq: since_seq, webhook });
         let end = keys::delivery(DeliveryKey { seq: u64::MAX, webhook });
-        self.inner.db.range(start..end).keys().map(|k| Ok(keys::parse_delivery(&k?))).collect()
+        self.db.range(start..end).keys().map(|k| Ok(keys::parse_delivery(&k?))).collect()
     }
 
     /// Every delivery in the due index whose webhook `wanted` selects.
     pub fn waiting_deliveries(&self, wanted: impl Fn(&Uuid) -> bool) -> Result<Vec<DeliveryKey>, StoreError> {
         let mut out = Vec::new();
-        for k in self.inner.db.scan_prefix([keys::DUE]).keys() {
+        for k in self.db.scan_prefix([keys::DUE]).keys() {
             let d = keys::parse_due(&k?);
             if wanted(&d.key.webhook) {
                 out.push(d.key);
@@ -451,20 +515,14 @@ impl Store {
     /// before `before`, oldest first.
     pub fn events_between(&self, after: u64, before: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         let range = keys::event(after.saturating_add(1))..keys::event(before);
-        self.inner.db.range(range).keys().take(limit).map(|k| Ok(keys::u64_at(&k?, 1))).collect()
+        self.db.range(range).keys().take(limit).map(|k| Ok(keys::u64_at(&k?, 1))).collect()
     }
 
     /// Up to `limit` due-index entries from `from` (inclusive) that are due
     /// no later than `until_ms`.
     pub fn scan_due(&self, from: Due, until_ms: u64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let end = keys::due(Due::at(until_ms.saturating_add(1)));
-        self.inner
-            .db
-            .range(keys::due(from)..end)
-            .keys()
-            .take(limit)
-            .map(|k| Ok(keys::parse_due(&k?)))
-            .collect()
+        self.db.range(keys::due(from)..end).keys().take(limit).map(|k| Ok(keys::parse_due(&k?))).collect()
     }
 
     /// How many deliveries are due at or before `now_ms`: those never
@@ -472,13 +530,13 @@ impl Store {
     /// before this one, then this second's due-index entries one by one.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
         let second = now_ms / 1000;
-        let mut n = self.inner.unindexed.count.load(Ordering::Relaxed) as u64;
-        for kv in self.inner.db.range(keys::due_count(0)..keys::due_count(second)) {
+        let mut n = self.unindexed.count.load(Ordering::Relaxed) as u64;
+        for kv in self.db.range(keys::due_count(0)..keys::due_count(second)) {
             let (k, v) = kv?;
             n += keys::u64_value(&k, &v)?;
         }
         let this_second = keys::due(Due::at(second * 1000))..keys::due(Due::at(now_ms.saturating_add(1)));
-        for k in self.inner.db.range(this_second).keys() {
+        for k in self.db.range(this_second).keys() {
             k?;
             n += 1;
         }
@@ -497,7 +555,7 @@ impl Store {
         scan: usize,
     ) -> Result<(Vec<Due>, Option<Due>), StoreError> {
         let mut found = Vec::new();
-        for (examined, k) in self.inner.db.range(keys::due(from)..keys::due(until)).keys().enumerate() {
+        for (examined, k) in self.db.range(keys::due(from)..keys::due(until)).keys().enumerate() {
             let d = keys::parse_due(&k?);
             if d.key.webhook == webhook {
                 found.push(d);
@@ -514,7 +572,7 @@ impl Store {
     /// oldest delivery not indexed yet, whichever is older.
     pub fn oldest_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let indexed = self.first_due_from(Due::at(0))?.map(|d| d.at_ms).filter(|at| *at <= now_ms);
-        let oldest_seq = self.inner.unindexed.oldest_seq.load(Ordering::Relaxed);
+        let oldest_seq = self.unindexed.oldest_seq.load(Ordering::Relaxed);
         let unindexed = (oldest_seq > 0).then(|| seq_time_ms(oldest_seq).max(0) as u64);
         Ok(indexed.into_iter().chain(unindexed).min())
     }
@@ -522,7 +580,7 @@ impl Store {
     /// The first due-index entry at or after `from`.
     pub fn first_due_from(&self, from: Due) -> Result<Option<Due>, StoreError> {
         let start = keys::due(from).to_vec();
-        match self.inner.db.range(start..vec![keys::DUE + 1]).keys().next() {
+        match self.db.range(start..vec![keys::DUE + 1]).keys().next() {
             Some(k) => Ok(Some(keys::parse_due(&k?))),
             None => Ok(None),
         }
@@ -530,14 +588,7 @@ impl Store {
 
     /// Bytes sled's files take on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
-    }
-
-    /// Flushes and syncs everything written so far (for a clean stop).
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.inner.db.flush()?;
-        self.inner.data_file.sync_data()?;
-        Ok(())
+        self.db.size_on_disk().unwrap_or(0)
     }
 }
 
@@ -579,6 +630,12 @@ mod tests {
             },
             id_given: true,
         }
+    }
+
+    /// The store's reads, made in place: unlike the daemon's, a test's
+    /// runtime has nothing else to do while sled answers.
+    fn reads(store: &Store) -> Reader {
+        store.new_reader()
     }
 
     async fn record_outcome(store: &Store, o: Outcome) {
@@ -651,7 +708,7 @@ mod tests {
                 due.extend(d);
             }
             let now = clock::now_ms() as u64;
-            assert_eq!(store.count_due(now).unwrap(), 9);
+            assert_eq!(reads(&store).count_due(now).unwrap(), 9);
             assert_eq!(counted(&store, now), 0, "new deliveries have no due entries");
             // One succeeds, two are retried later, one of them twice.
             record_status(&store, due[0].key, Status::Succeeded, None).await;
@@ -662,16 +719,16 @@ mod tests {
             let (tx, rx) = oneshot::channel();
             store.set_aside(due[0], move |r| drop(tx.send(r)));
             rx.await.unwrap().unwrap();
-            assert_eq!(store.count_due(now).unwrap(), 6);
+            assert_eq!(reads(&store).count_due(now).unwrap(), 6);
             assert_eq!(counted(&store, u64::MAX / 2), 2);
             // Indexing the six never attempted moves them into the index, once.
             let waiting: Vec<_> = due[3..].iter().map(|d| d.key).collect();
             assert_eq!(index(&store, waiting.clone()).await, due[3..]);
             assert_eq!(index(&store, waiting).await, due[3..], "the same entries, written once");
             assert_eq!(counted(&store, u64::MAX / 2), 8);
-            assert_eq!(store.count_due(now).unwrap(), 6);
+            assert_eq!(reads(&store).count_due(now).unwrap(), 6);
             for t in moments.into_iter().chain([now]) {
-                assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t}");
+                assert_eq!(reads(&store).count_due(t).unwrap(), counted(&store, t), "at {t}");
             }
         }
         // Counts of a layout 2 database (which had none) are made at open.
@@ -684,9 +741,9 @@ mod tests {
         });
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         for t in moments {
-            assert_eq!(store.count_due(t).unwrap(), counted(&store, t), "at {t} after the upgrade");
+            assert_eq!(reads(&store).count_due(t).unwrap(), counted(&store, t), "at {t} after the upgrade");
         }
-        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 8);
+        assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 8);
     }
 
     async fn index(store: &Store, keys: Vec<DeliveryKey>) -> Vec<Due> {
@@ -718,7 +775,7 @@ mod tests {
                 record_status(&store, d.key, Status::Succeeded, None).await;
             }
             record_status(&store, due[2].key, Status::Retrying, Some(1 << 50)).await;
-            assert_eq!(store.count_due(clock::now_ms() as u64).unwrap(), 3);
+            assert_eq!(reads(&store).count_due(clock::now_ms() as u64).unwrap(), 3);
             assert_eq!(counted(&store, u64::MAX / 2), 1);
         }
         // As after a crash: the store stopped with three never attempted,
@@ -727,14 +784,14 @@ mod tests {
         raw(dir.path(), |db| db.insert(keys::set_aside(due[5].key), &0u64.to_be_bytes()).unwrap());
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
         let now = clock::now_ms() as u64;
-        assert_eq!(store.scan_due(Due::at(0), now, 100).unwrap(), due[3..5]);
-        assert_eq!(store.first_due_from(Due::at(now + 1)).unwrap().map(|d| d.key), Some(due[2].key));
-        assert_eq!(store.count_due(now).unwrap(), 2);
-        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 3);
+        assert_eq!(reads(&store).scan_due(Due::at(0), now, 100).unwrap(), due[3..5]);
+        assert_eq!(reads(&store).first_due_from(Due::at(now + 1)).unwrap().map(|d| d.key), Some(due[2].key));
+        assert_eq!(reads(&store).count_due(now).unwrap(), 2);
+        assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 3);
         // Nothing is left unindexed; the entries of those waiting are as stored.
         let retry = Due { at_ms: 1 << 50, key: due[2].key };
         assert_eq!(index(&store, due.iter().map(|d| d.key).collect()).await, [retry, due[3], due[4]]);
-        assert_eq!(store.count_due(u64::MAX / 2).unwrap(), 3);
+        assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 3);
         drop(store);
         assert_eq!(ranges(dir.path()), 0);
     }
@@ -754,7 +811,7 @@ mod tests {
         // instead, to be set aside at their attempts.
         raw(dir.path(), |db| db.insert(keys::event(due[0].key.seq), &[0xff]).unwrap());
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
-        assert_eq!(store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap(), due);
+        assert_eq!(reads(&store).scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap(), due);
         drop(store);
         assert_eq!(ranges(dir.path()), 0);
     }
@@ -768,11 +825,39 @@ mod tests {
             store.ingest(new(id, "{}", &[a, b])).await.unwrap();
         }
         let now = clock::now_ms() as u64;
-        assert_eq!(store.count_due(now).unwrap(), 6);
+        assert_eq!(reads(&store).count_due(now).unwrap(), 6);
         assert_eq!(store.cancel(Vec::new(), vec![a]).await.unwrap(), 3);
-        assert_eq!(store.count_due(now).unwrap(), 3);
-        assert_eq!(store.webhook_stats(&a).unwrap().count(Status::Cancelled), 3);
+        assert_eq!(reads(&store).count_due(now).unwrap(), 3);
+        assert_eq!(reads(&store).webhook_stats(&a).unwrap().count(Status::Cancelled), 3);
         assert_eq!(store.cancel(Vec::new(), vec![a]).await.unwrap(), 0, "nothing left to cancel");
+    }
+
+    #[tokio::test]
+    async fn reads_leave_the_runtime_threads_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        // This test's runtime has one thread: a read made on it would hold
+        // it, and the answer it waits for could never be sent.
+        let (tx, rx) = mpsc::channel::<()>();
+        let read = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .read(move |r| {
+                        rx.recv_timeout(Duration::from_secs(10)).expect("the runtime went on meanwhile");
+                        Ok(r.set_aside_count())
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        tx.send(()).unwrap();
+        assert_eq!(read.await.unwrap().unwrap(), 0);
+        // A reader of its own is for a plain thread only.
+        let here = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.reader()));
+        assert!(here.is_err(), "refused on a runtime thread");
+        let s = store.clone();
+        assert_eq!(thread::spawn(move || s.reader().set_aside_count()).join().unwrap(), 0);
     }
 
     #[tokio::test]
@@ -801,11 +886,11 @@ mod tests {
         }
         // Reopened: everything acknowledged is there, the due index moved.
         let store = Store::open(dir.path(), &OPTIONS).unwrap();
-        let seq = store.find_event(&Uuid::from_bytes([1; 16])).unwrap().unwrap();
-        assert_eq!(store.deliveries(seq).unwrap().len(), 2);
-        let due_now = store.scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap();
+        let seq = reads(&store).find_event(&Uuid::from_bytes([1; 16])).unwrap().unwrap();
+        assert_eq!(reads(&store).deliveries(seq).unwrap().len(), 2);
+        let due_now = reads(&store).scan_due(Due::at(0), clock::now_ms() as u64, 100).unwrap();
         assert_eq!(due_now.len(), 3);
-        let later = store.first_due_from(Due::at(clock::now_ms() as u64 + 1)).unwrap().unwrap();
+        let later = reads(&store).first_due_from(Due::at(clock::now_ms() as u64 + 1)).unwrap().unwrap();
         assert_eq!(later.at_ms, 1 << 50);
         let Ingested::Accepted { due: third, .. } = store.ingest(new(3, "{}", &webhooks)).await.unwrap()
         else {
@@ -822,8 +907,8 @@ mod tests {
         event.id_given = false;
         let Ingested::Accepted { event, .. } = store.ingest(event).await.unwrap() else { panic!() };
         let event_id = event.event_id;
-        let seq = store.find_event(&event_id).unwrap().expect("found by its own id");
-        assert_eq!(store.event(seq).unwrap().unwrap().event_id, event_id);
+        let seq = reads(&store).find_event(&event_id).unwrap().expect("found by its own id");
+        assert_eq!(reads(&store).event(seq).unwrap().unwrap().event_id, event_id);
         assert!(store.inner.db.get(keys::index(&event_id)).unwrap().is_none(), "no index entry");
         // The application may send that id back: the same content is the same event.
         let again =
@@ -831,9 +916,9 @@ mod tests {
         assert!(matches!(store.ingest(again(r#"{"a":1}"#)).await.unwrap(), Ingested::Duplicate));
         assert!(matches!(store.ingest(again(r#"{"a":2}"#)).await.unwrap(), Ingested::Conflict));
         // A look-alike id that no event carries is found nowhere.
-        assert_eq!(store.find_event(&event_id_for(seq + 1)).unwrap(), None);
+        assert_eq!(reads(&store).find_event(&event_id_for(seq + 1)).unwrap(), None);
         assert_eq!(store.prune(vec![seq]).await.unwrap(), Pruned { deleted: 1, through: seq });
-        assert_eq!(store.find_event(&event_id).unwrap(), None);
+        assert_eq!(reads(&store).find_event(&event_id).unwrap(), None);
     }
 
     #[tokio::test]
@@ -871,7 +956,7 @@ mod tests {
             next_attempt_at: None,
         };
         record_outcome(&store, ok).await;
-        let stats = store.webhook_stats(&w).unwrap();
+        let stats = reads(&store).webhook_stats(&w).unwrap();
         assert_eq!(
             (stats.count(Status::Failed), stats.count(Status::Succeeded), stats.count(Status::Pending)),
             (2, 1, 2)
@@ -880,33 +965,33 @@ mod tests {
         assert_eq!(stats.last_failure.as_deref(), Some("HTTP 500"));
 
         // Newest first, paginated, filtered.
-        let page = store.webhook_deliveries(w, None, None, 2).unwrap();
+        let page = reads(&store).webhook_deliveries(w, None, None, 2).unwrap();
         assert_eq!(page.deliveries.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![keys[4], keys[3]]);
-        let page = store.webhook_deliveries(w, page.next, None, 2).unwrap();
+        let page = reads(&store).webhook_deliveries(w, page.next, None, 2).unwrap();
         assert_eq!(page.deliveries.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![keys[2], keys[1]]);
-        let page = store.webhook_deliveries(w, page.next, None, 2).unwrap();
+        let page = reads(&store).webhook_deliveries(w, page.next, None, 2).unwrap();
         assert_eq!((page.deliveries.len(), page.next), (1, None));
-        let failed = store.webhook_deliveries(w, None, Some(Status::Failed), 10).unwrap();
+        let failed = reads(&store).webhook_deliveries(w, None, Some(Status::Failed), 10).unwrap();
         assert_eq!(failed.deliveries.len(), 2);
 
         // Requeue only what is failed; it starts a new round.
         let due = store.requeue(keys.clone(), &[Status::Failed]).await.unwrap();
         assert_eq!(due.iter().map(|d| d.key).collect::<Vec<_>>(), vec![keys[0], keys[1]]);
-        let d = store.delivery(keys[0]).unwrap().unwrap();
+        let d = reads(&store).delivery(keys[0]).unwrap().unwrap();
         assert_eq!((d.status, d.attempts_in_round(), d.attempts.len()), (Status::Pending, 0, 1));
 
         // Cancel everything waiting: the due index empties.
         assert_eq!(store.cancel(keys.clone(), Vec::new()).await.unwrap(), 4);
-        assert!(store.scan_due(Due::at(0), u64::MAX - 1, 100).unwrap().is_empty());
-        assert_eq!(store.webhook_stats(&w).unwrap().count(Status::Cancelled), 4);
+        assert!(reads(&store).scan_due(Due::at(0), u64::MAX - 1, 100).unwrap().is_empty());
+        assert_eq!(reads(&store).webhook_stats(&w).unwrap().count(Status::Cancelled), 4);
 
         // Prune: all final now, so every event goes, and the counts with them.
-        let seqs = store.events_between(0, u64::MAX, 100).unwrap();
+        let seqs = reads(&store).events_between(0, u64::MAX, 100).unwrap();
         let last = *seqs.last().unwrap();
         assert_eq!(store.prune(seqs).await.unwrap(), Pruned { deleted: 5, through: last });
-        assert!(store.find_event(&Uuid::from_bytes([1; 16])).unwrap().is_none());
-        assert!(store.webhook_deliveries(w, None, None, 10).unwrap().deliveries.is_empty());
-        let stats = store.webhook_stats(&w).unwrap();
+        assert!(reads(&store).find_event(&Uuid::from_bytes([1; 16])).unwrap().is_none());
+        assert!(reads(&store).webhook_deliveries(w, None, None, 10).unwrap().deliveries.is_empty());
+        let stats = reads(&store).webhook_stats(&w).unwrap();
         assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));
     }
 
@@ -924,14 +1009,14 @@ mod tests {
             keys.extend(due.iter().map(|d| d.key));
         }
         assert_eq!(store.cancel(keys, Vec::new()).await.unwrap(), 400);
-        let seqs = store.events_between(0, u64::MAX, 100).unwrap();
+        let seqs = reads(&store).events_between(0, u64::MAX, 100).unwrap();
         let first = store.prune(seqs.clone()).await.unwrap();
         assert_eq!(first, Pruned { deleted: 3, through: seqs[2] });
-        let rest = store.events_between(first.through, u64::MAX, 100).unwrap();
+        let rest = reads(&store).events_between(first.through, u64::MAX, 100).unwrap();
         assert_eq!(rest, seqs[3..]);
         assert_eq!(store.prune(rest).await.unwrap(), Pruned { deleted: 1, through: seqs[3] });
-        assert!(store.events_between(0, u64::MAX, 100).unwrap().is_empty());
-        let stats = store.webhook_stats(&webhooks[7]).unwrap();
+        assert!(reads(&store).events_between(0, u64::MAX, 100).unwrap().is_empty());
+        let stats = reads(&store).webhook_stats(&webhooks[7]).unwrap();
         assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));
     }
 }
