@@ -23,7 +23,12 @@ pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tok
         let mut reloads = config.subscribe();
         loop {
             let retention = config.get().storage.retention;
-            match prune_once(&store, retention).await {
+            // A stop must not wait for a pass the store holds up.
+            let pruned = tokio::select! {
+                pruned = prune_once(&store, retention) => pruned,
+                _ = shutdown.notified() => return,
+            };
+            match pruned {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(events = n, "retention: deleted old events"),
                 Err(e) => tracing::error!(error = %e, "retention: cannot prune; will try again"),
