@@ -67,6 +67,11 @@ enum Command {
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Start even if storage holds less than was acknowledged (damage
+        /// found at start), logging what is missing; without it such a
+        /// store is refused.
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Validate a config file and exit (non-zero with the reasons if it is bad).
     CheckConfig {
@@ -152,7 +157,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, accept_data_loss } => {
             let loaded = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -162,7 +167,7 @@ fn main() -> ExitCode {
             };
             init_logging(&loaded.server.log_level);
             loaded.warnings.iter().for_each(|w| tracing::warn!("{w}"));
-            report(run(&config, loaded), "run")
+            report(run(&config, loaded, accept_data_loss), "run")
         }
         Command::Send { event_type, client_id, data, event_id, config } => report(
             client(&config).and_then(|c| c.send(&event_type, &client_id, &data, event_id.as_deref())),
@@ -236,18 +241,19 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn run(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
+fn run(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config_path, config))
+        .block_on(serve(config_path, config, accept_data_loss))
 }
 
-async fn serve(config_path: &Path, config: config::Config) -> anyhow::Result<()> {
+async fn serve(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {
     let options = store::Options {
         cache_capacity: config.storage.cache_capacity,
         min_free_space: config.storage.min_free_space,
+        accept_data_loss,
     };
     let store = store::Store::open(&config.storage.path, &options)?;
     let listen = config.server.listen;

@@ -21,13 +21,13 @@
 //! the previous run get their due entries.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use uuid::Uuid;
 
+use super::durable::{Mark, Syncer};
 use super::records::*;
 use super::{codec, keys, Pruned, StoreError};
 use crate::clock;
@@ -78,6 +78,35 @@ impl Op {
     }
 }
 
+/// What sled may put on disk for one written key beyond its value: the key,
+/// the log record's header, and the share of a rewritten index node.
+const DISK_BYTES_PER_WRITE: u64 = 512;
+/// What sled may put on disk for an attempt's outcome: the attempt (at most
+/// 4 KiB of answer, a short error) in a delivery record that is rewritten
+/// whole, with every earlier attempt.
+const DISK_BYTES_PER_OUTCOME: u64 = 64 * 1024;
+/// Disk bytes per byte of value: sled writes a value once into its log, and
+/// again when the node holding it is consolidated or its segment cleaned,
+/// before the old copy's space comes back; a big value also goes to a blob
+/// file of its own.
+const DISK_AMPLIFICATION: u64 = 3;
+
+impl Op {
+    /// A bound on the disk bytes applying this op may take (before sled
+    /// reclaims anything), for the free-space check of each write.
+    fn disk_bytes(&self) -> u64 {
+        let values = match self {
+            Op::Ingest(e) => {
+                let r = &e.record;
+                (r.data.len() + 256 + 64 * r.webhooks.len()) as u64
+            }
+            Op::Record(_) => DISK_BYTES_PER_OUTCOME,
+            _ => 0,
+        };
+        values * DISK_AMPLIFICATION + self.writes() as u64 * DISK_BYTES_PER_WRITE
+    }
+}
+
 pub enum Reply {
     Ingested(Ingested),
     Recorded,
@@ -113,6 +142,9 @@ pub struct Committer {
     /// How many unindexed deliveries each `F` range (by first seq) still has.
     pub ranges: BTreeMap<u64, usize>,
     pub gauge: Arc<UnindexedGauge>,
+    /// Batches applied so far and the last event seq, written as `C` with
+    /// each batch (see `durable`).
+    pub mark: Mark,
 }
 
 /// What readers may know of the unindexed deliveries: they are due, but
@@ -166,15 +198,15 @@ impl Pending {
 }
 
 impl Committer {
-    /// Applies requests until every sender is gone; the syncer thread syncs
-    /// `data_file` (sled's data file) after sled's flush.
-    pub fn run(mut self, rx: mpsc::Receiver<Request>, data_file: File) {
+    /// Applies requests until every sender is gone; the syncer thread makes
+    /// each applied batch durable with `syncer` before it is answered.
+    pub fn run(mut self, rx: mpsc::Receiver<Request>, syncer: Syncer) {
         let (to_sync, applied) = mpsc::sync_channel(SYNC_QUEUE);
         let db = self.db.clone();
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("syncer".into())
-                .spawn_scoped(scope, move || sync_loop(db, data_file, applied))
+                .spawn_scoped(scope, move || sync_loop(db, syncer, applied))
                 .expect("spawn the syncer");
             while let Ok(first) = rx.recv() {
                 let mut writes = first.op.writes();
@@ -188,7 +220,8 @@ impl Committer {
                         Err(_) => break,
                     }
                 }
-                if let Err(mpsc::SendError(answers)) = to_sync.send(self.commit(requests)) {
+                let answers = self.commit(requests);
+                if let Err(mpsc::SendError((answers, _))) = to_sync.send((answers, self.mark)) {
                     for (_, reply) in answers {
                         reply(Err(StoreError::Unavailable("the syncer is gone".into())));
                     }
@@ -203,12 +236,19 @@ impl Committer {
     fn commit(&mut self, requests: Vec<Request>) -> Answers {
         let mut p = Pending::default();
         let seq_before = self.last_seq;
-        let free = free_bytes(&self.dir);
+        // Each write must fit on its own, counting what the batch has taken
+        // so far: one check per batch with a fixed margin let eight 900 KB
+        // events overshoot a 4 MiB margin together, and sled wedges on ENOSPC.
+        let mut free = free_bytes(&self.dir);
         let answers: Vec<_> = requests
             .into_iter()
             .map(|r| {
-                let needed = if matches!(r.op, Op::Ingest(_)) { self.min_free } else { self.min_free / 4 };
-                let answer = room(free, needed).and_then(|()| self.apply(&mut p, r.op));
+                let floor = if matches!(r.op, Op::Ingest(_)) { self.min_free } else { self.min_free / 4 };
+                let takes = r.op.disk_bytes();
+                let answer = room(free, floor.saturating_add(takes)).and_then(|()| self.apply(&mut p, r.op));
+                if answer.is_ok() {
+                    free = free.map(|f| f.saturating_sub(takes));
+                }
                 (answer, r.reply)
             })
             .collect();
@@ -251,6 +291,8 @@ impl Committer {
                 None => batch.remove(k),
             }
         }
+        let mark = Mark { commits: self.mark.commits + 1, last_seq: self.last_seq };
+        batch.insert(&keys::MARK[..], &mark.encode()[..]);
         if let Err(e) = self.db.apply_batch(batch) {
             let e = StoreError::from(e);
             tracing::error!(error = %e, "storage write failed");
@@ -262,6 +304,7 @@ impl Committer {
             }
             return Err(e);
         }
+        self.mark = mark;
         // Only this batch's seconds can have dropped to none: a walk of the
         // whole map per batch would cost as many seconds as retries wait in.
         for second in &p.due_counts {
@@ -680,7 +723,8 @@ type Answers = Vec<(Result<Reply, StoreError>, Callback)>;
 /// alternating pairs, BENCHMARKS.md), latency at 1,000/s unchanged.
 const SYNC_QUEUE: usize = 0;
 
-/// Syncs and answers: every batch waiting when a sync begins is covered by it.
+/// Syncs and answers: every batch waiting when a sync begins is covered by
+/// it, and the ledger records the last of them (`mark`) once it is durable.
 /// A failed sync fails every request it covered, then stops the process
 /// (systemd starts it again). What a failed `fdatasync` left on disk is
 /// unknown, while the batches it covered are applied in memory: going on
@@ -688,14 +732,14 @@ const SYNC_QUEUE: usize = 0;
 /// duplicate though it was never stored) and leave applied deliveries that
 /// nobody was told of. A fresh start reads back only what is on disk and
 /// indexes what waits.
-fn sync_loop(db: sled::Db, file: File, applied: mpsc::Receiver<Answers>) {
-    while let Ok(first) = applied.recv() {
+fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers, Mark)>) {
+    while let Ok((first, mut mark)) = applied.recv() {
         let mut answers = first;
-        while let Ok(more) = applied.try_recv() {
+        while let Ok((more, later)) = applied.try_recv() {
             answers.extend(more);
+            mark = later;
         }
-        let synced =
-            db.flush().map_err(StoreError::from).and_then(|_| file.sync_data().map_err(StoreError::from));
+        let synced = syncer.sync(&db, mark);
         for (answer, reply) in answers {
             reply(match &synced {
                 Ok(_) => answer,

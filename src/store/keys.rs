@@ -11,6 +11,7 @@
 //! | `H due_second` | how many `Q` entries fall in that second (so counting what is due costs a second's entries at most) |
 //! | `W webhook` | the webhook's stats |
 //! | `Z webhook seq` | due time: a delivery set aside because it could not be read |
+//! | `C` | batches committed and the last event seq, 16 bytes: compared at open with the ledger of what was acknowledged (see `durable`) |
 //! | `V` | the layout version of all of the above |
 
 use uuid::Uuid;
@@ -26,6 +27,7 @@ pub const FRESH_RANGE: u8 = b'F';
 pub const STATS: u8 = b'W';
 pub const SET_ASIDE: u8 = b'Z';
 pub const LAYOUT: [u8; 1] = [b'V'];
+pub const MARK: [u8; 1] = [b'C'];
 /// Bump when keys or records change shape; a database of another layout is
 /// refused at open rather than misread.
 pub const LAYOUT_VERSION: u8 = 4;

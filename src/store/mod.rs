@@ -17,6 +17,7 @@
 
 mod codec;
 mod committer;
+mod durable;
 mod keys;
 mod records;
 
@@ -55,6 +56,16 @@ pub enum StoreError {
         keys::LAYOUT_VERSION
     )]
     Layout { path: PathBuf, found: String },
+    #[error(
+        "the storage directory {path} is damaged: {detail}. Nothing was changed; restore it from a \
+         backup, or start with --accept-data-loss to run on what is left"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error(
+        "the storage directory {path} is damaged: sled cannot read it ({detail}). Nothing was changed; \
+         restore it from a backup, or move the directory aside to start empty"
+    )]
+    Unreadable { path: PathBuf, detail: String },
 }
 
 /// How to open the store.
@@ -62,6 +73,9 @@ pub struct Options {
     pub cache_capacity: u64,
     /// Ingest is refused while the disk has less free space than this.
     pub min_free_space: u64,
+    /// Open a store that holds less than was acknowledged (logging what is
+    /// missing) instead of refusing it.
+    pub accept_data_loss: bool,
 }
 
 impl From<sled::Error> for StoreError {
@@ -133,6 +147,34 @@ impl Drop for WaitForUnlock {
     }
 }
 
+/// Opens sled under `path`. A database sled cannot read makes it panic
+/// (seen with a zeroed segment); that becomes [`StoreError::Unreadable`], one
+/// clear line instead of a backtrace.
+fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new().path(path).cache_capacity(cache_capacity);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()));
+    std::panic::set_hook(quiet);
+    let unreadable = |detail: String| StoreError::Unreadable { path: path.to_owned(), detail };
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(io))) if io.to_string().contains("could not acquire lock") => {
+            Err(StoreError::Locked(path.to_owned()))
+        }
+        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(unreadable(e.to_string())),
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no reason given");
+            Err(unreadable(format!("it failed with: {why}")))
+        }
+    }
+}
+
 /// Marks a new database with this build's layout, brings one of layout 2 or
 /// 3 up to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
@@ -193,18 +235,19 @@ impl Store {
     pub fn open(path: &Path, options: &Options) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
-        let db = sled::Config::new().path(path).cache_capacity(options.cache_capacity).open().map_err(
-            |e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(path.to_owned())
-                }
-                e => StoreError::Unavailable(format!("cannot open {}: {e}", path.display())),
-            },
-        )?;
+        let db = open_sled(path, options.cache_capacity)?;
+        let stored = durable::Mark::stored(&db)?;
+        // Before anything is written: an emptied database must not pass for
+        // a new one.
+        if let Some(loss) = durable::check(path, stored)? {
+            if !options.accept_data_loss {
+                return Err(StoreError::Damaged { path: path.to_owned(), detail: loss.to_string() });
+            }
+            tracing::error!(storage = %path.display(), "starting on damaged storage, as --accept-data-loss asks: {loss}");
+        }
         check_layout(&db, path)?;
-        // sled's flush uses sync_file_range, which neither empties the disk's
-        // write cache nor persists the file size: fdatasync this file after it.
-        let data_file = File::open(path.join("db"))?;
+        let mut syncer = durable::Syncer::new(path, stored)?;
+        let data_file = syncer.db_file()?;
         let last_seq = match db.scan_prefix([keys::EVENT]).keys().next_back() {
             Some(k) => keys::u64_at(&k?, 1),
             None => 0,
@@ -221,18 +264,19 @@ impl Store {
             unindexed: Default::default(),
             ranges: Default::default(),
             gauge: unindexed.clone(),
+            mark: durable::Mark { commits: stored.commits, last_seq },
         };
         // Before anything reads the due index, it must hold every delivery
         // waiting for an attempt.
         let leftovers = committer.index_leftovers()?;
+        // Also makes the ledger agree with what was found (after an
+        // accepted loss, or for a store from a build before the ledger).
+        syncer.sync(&db, committer.mark)?;
         if leftovers > 0 {
-            db.flush()?;
-            data_file.sync_data()?;
             tracing::info!(deliveries = leftovers, "indexed the deliveries the last run had not attempted");
         }
-        let sync_file = data_file.try_clone()?;
         let committer =
-            thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx, sync_file))?;
+            thread::Builder::new().name("committer".into()).spawn(move || committer.run(rx, syncer))?;
         let unlocked = WaitForUnlock(data_file.try_clone()?);
         let inner = Inner {
             db,
@@ -598,7 +642,7 @@ mod tests {
     use crate::clock;
     use crate::event::EventType;
 
-    const OPTIONS: Options = Options { cache_capacity: 1 << 20, min_free_space: 0 };
+    const OPTIONS: Options = Options { cache_capacity: 1 << 20, min_free_space: 0, accept_data_loss: false };
 
     fn record(data: &str, ts: Option<i64>) -> EventRecord {
         EventRecord {

@@ -269,6 +269,14 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        if let Err(code) = self.try_spawn(Duration::from_secs(20)) {
+            panic!("daemon exited with {code:?} during start:\n{}", self.log());
+        }
+    }
+
+    /// Starts the daemon and waits until it is healthy; its exit code if it
+    /// exits first. Panics if neither happens within `limit`.
+    fn try_spawn(&mut self, limit: Duration) -> Result<(), Option<i32>> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -284,13 +292,14 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                panic!("daemon exited with {status} during start:\n{}", self.log());
+                self.child = None;
+                return Err(status.code());
             }
             if self.get("/healthz").0 == 200 {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "daemon not healthy in time:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -322,33 +331,23 @@ impl Daemon {
         self.spawn();
     }
 
-    /// Starts the daemon expecting it to fail: waits for it to exit and
-    /// returns its exit code and what it printed to stderr (the log).
+    /// Starts the daemon expecting it to fail: returns its exit code and
+    /// what it logged during this start.
     pub fn start_failing(&mut self, limit: Duration) -> (Option<i32>, String) {
+        match self.start_failing_or_ready(limit) {
+            (None, _) => panic!("the daemon started:\n{}", self.log()),
+            failed => failed,
+        }
+    }
+
+    /// Starts the daemon: `(None, "")` once it is healthy (and running), or
+    /// its exit code and what it logged during this start if it exits first.
+    pub fn start_failing_or_ready(&mut self, limit: Duration) -> (Option<i32>, String) {
         assert!(self.child.is_none(), "still running");
-        let out = Command::new(bin())
-            .args(["run", "--config"])
-            .arg(self.config_path())
-            .args(&self.run_args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = out.id();
-        let deadline = Instant::now() + limit;
-        let mut out = Some(out);
-        loop {
-            if let Ok(Some(_)) = out.as_mut().unwrap().try_wait() {
-                let o = out.take().unwrap().wait_with_output().unwrap();
-                return (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned());
-            }
-            if Instant::now() >= deadline {
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let o = out.take().unwrap().wait_with_output().unwrap();
-                panic!("daemon still running after {limit:?}:\n{}", String::from_utf8_lossy(&o.stderr));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let before = self.log().len();
+        match self.try_spawn(limit) {
+            Ok(()) => (None, String::new()),
+            Err(code) => (code, self.log()[before..].to_owned()),
         }
     }
 
