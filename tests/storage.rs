@@ -87,7 +87,7 @@ fn an_emptied_or_missing_log_is_damage_not_a_new_database() {
     refused(&mut d, "no db");
     std::fs::File::create(db_file(&d)).unwrap();
     let line = refused(&mut d, "an empty db");
-    assert!(line.contains(&format!("0 committed batches")), "{line}");
+    assert!(line.contains("0 committed batches"), "{line}");
     // The real log back: everything is there.
     std::fs::write(db_file(&d), &saved).unwrap();
     d.start_again();
