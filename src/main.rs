@@ -309,7 +309,15 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
     stop_background.notify_one();
     let _ = retention.await;
     engine.stop(grace).await;
-    store.sync().context("syncing storage on stop")?;
+    // Everything acknowledged is synced already; this is for the rest. A
+    // store that hangs (sled after a failed write) must not keep the
+    // process from stopping.
+    let syncing = tokio::task::spawn_blocking(move || store.sync());
+    match tokio::time::timeout(grace, syncing).await {
+        Ok(Ok(synced)) => synced.context("syncing storage on stop")?,
+        Ok(Err(e)) => anyhow::bail!("syncing storage on stop: {e}"),
+        Err(_) => anyhow::bail!("storage did not finish syncing within {grace:?}; stopped without it"),
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -152,25 +152,7 @@ fn a_hanging_endpoint_does_not_hold_up_a_healthy_one() {
 
 #[test]
 fn a_full_disk_answers_503_and_recovers_by_itself() {
-    let mnt = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(mnt.path())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs");
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.path().to_owned());
+    let Some(mnt) = Tmpfs::mount("8m") else { return };
     let rx = Receiver::start();
     let cfg = format!(
         "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}",

@@ -255,10 +255,16 @@ impl Committer {
         match self.write(p) {
             Ok(()) => answers,
             Err(e) => {
-                // Nothing of this batch is applied or acknowledged; its
-                // sequence numbers may be reused.
+                // Nothing of this batch is applied or acknowledged. But sled
+                // is unusable after a failed write: seen with ENOSPC, its
+                // next flush waits forever, and so would every request after
+                // it. Refuse this batch, then stop; systemd starts the
+                // daemon again, on what is on disk.
                 self.last_seq = seq_before;
-                answers.into_iter().map(|(_, reply)| (Err(e.clone()), reply)).collect()
+                for (_, reply) in answers {
+                    reply(Err(e.clone()));
+                }
+                stop_on_storage_failure("storage write failed", &e);
             }
         }
     }
@@ -747,10 +753,17 @@ fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers,
             });
         }
         if let Err(e) = synced {
-            tracing::error!(error = %e, "storage sync failed; stopping, so that a fresh start reads what is on disk");
-            std::process::exit(1);
+            stop_on_storage_failure("storage sync failed", &e);
         }
     }
+}
+
+/// Ends the process after storage failed in a way sled does not come back
+/// from; nothing the failure covered was acknowledged.
+fn stop_on_storage_failure(what: &str, e: &StoreError) -> ! {
+    tracing::error!(error = %e, "{what}; stopping, so that a fresh start reads what is on disk");
+    eprintln!("nexor-webhookd: {what}: {e}; stopped, so that a fresh start reads what is on disk");
+    std::process::exit(1)
 }
 
 /// Whether `free` bytes (if known) leave the `needed` room for a write.
