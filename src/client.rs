@@ -96,8 +96,16 @@ impl Client {
     pub fn status(&self) -> anyhow::Result<()> {
         let answer = self.call("GET", "/v1/webhooks", None)?;
         println!(
-            "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9}  {:<24}  last failure",
-            "webhook", "state", "pending", "retrying", "succeeded", "failed", "cancelled", "last success"
+            "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  last failure",
+            "webhook",
+            "state",
+            "pending",
+            "retrying",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "held",
+            "last success"
         );
         for w in answer["webhooks"].as_array().into_iter().flatten() {
             let h = &w["health"];
@@ -113,7 +121,7 @@ impl Client {
                 _ => "-".to_owned(),
             };
             println!(
-                "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9}  {:<24}  {}",
+                "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  {}",
                 w["id"].as_str().unwrap_or("?"),
                 state,
                 n("pending"),
@@ -121,10 +129,18 @@ impl Client {
                 n("succeeded"),
                 n("failed"),
                 n("cancelled"),
+                n("held"),
                 h["last_success_at"].as_str().unwrap_or("-"),
                 last_failure
             );
         }
+        Ok(())
+    }
+
+    /// `cancel`: cancels every delivery to a webhook that waits or is held.
+    pub fn cancel(&self, webhook_id: &str) -> anyhow::Result<()> {
+        let answer = self.call("POST", &format!("/v1/webhooks/{webhook_id}/cancel"), None)?;
+        println!("{answer}");
         Ok(())
     }
 

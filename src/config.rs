@@ -188,6 +188,11 @@ impl Config {
         changed
     }
 
+    /// Webhooks enabled in `new` that are gone or disabled in `self`.
+    pub fn resumed_in(&self, new: &Config) -> HashSet<Uuid> {
+        new.stopped_in(self)
+    }
+
     /// Webhooks of `self` that are gone or disabled in `new`.
     pub fn stopped_in(&self, new: &Config) -> HashSet<Uuid> {
         self.webhooks

@@ -405,7 +405,7 @@ impl Worker {
         Some((Arc::new(event), delivery.attempts_in_round()))
     }
 
-    /// Makes one attempt of `due` (or cancels it) and records the outcome;
+    /// Makes one attempt of `due` (or holds it) and records the outcome;
     /// the dispatcher hears of it once it is stored. `fresh`: its event, if
     /// this is the delivery's first attempt.
     fn attempt(&mut self, due: Due, fresh: Option<Arc<EventRecord>>) {
@@ -416,8 +416,8 @@ impl Worker {
         let (config, sender) = self.current();
         let (attempt, status, next_attempt_at) = match config.webhook(&key.webhook).filter(|w| w.enabled) {
             None => {
-                tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, "webhook removed or disabled; delivery cancelled");
-                (None, Status::Cancelled, None)
+                tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, "webhook removed or disabled; delivery held until it is back");
+                (None, Status::Held, None)
             }
             Some(webhook) => {
                 let delivery_id = Uuid::new_v4();

@@ -106,6 +106,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Cancel every delivery to a webhook that is waiting or held (held: its
+    /// webhook was removed or disabled by a reload).
+    Cancel {
+        #[arg(long)]
+        webhook_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Run a local receiver that verifies and prints each delivery.
     Receive {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -176,6 +184,9 @@ fn main() -> ExitCode {
         Command::Status { config } => report(client(&config).and_then(|c| c.status()), "status"),
         Command::Redeliver { event_id, webhook_id, config } => {
             report(client(&config).and_then(|c| c.redeliver(&event_id, webhook_id.as_deref())), "redeliver")
+        }
+        Command::Cancel { webhook_id, config } => {
+            report(client(&config).and_then(|c| c.cancel(&webhook_id)), "cancel")
         }
         Command::Receive { listen, secret, tolerance, verbose, status, fail_rate } => {
             let opts = receive::Options { listen, secret, tolerance, verbose, status, fail_rate };
@@ -296,7 +307,7 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = hup.recv() => reload(config_path, &shared, &store).await,
+            _ = hup.recv() => reload(config_path, &shared, &store, &engine.handle, &metrics).await,
         }
     }
 
@@ -323,19 +334,32 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
 }
 
 /// SIGHUP: a good file replaces the running config (webhooks added, changed,
-/// removed or disabled take effect at once, and deliveries waiting for a
-/// webhook that is gone or disabled are cancelled); a bad one is reported and
-/// the running config stays.
-async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
-    let new = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload refused, the running config stays:\n{e}");
-            return;
-        }
-    };
-    new.warnings.iter().for_each(|w| tracing::warn!("{w}"));
+/// removed or disabled take effect at once). Deliveries waiting for a webhook
+/// that is gone or disabled are held, not cancelled, and are due again when
+/// it comes back: a file caught half-written must not destroy anything. A
+/// file that is empty, does not validate, or would remove every webhook is
+/// refused (logged and counted) and the running config stays.
+async fn reload(
+    path: &Path,
+    shared: &config::Shared,
+    store: &store::Store,
+    engine: &dispatch::Dispatcher,
+    metrics: &metrics::Metrics,
+) {
     let old = shared.get();
+    let new =
+        match config::load(path).map_err(|e| e.to_string()).and_then(|new| match refusal(path, &old, &new) {
+            Some(why) => Err(why),
+            None => Ok(new),
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics.reload_refused();
+                tracing::error!("reload refused, the running config stays:\n{e}");
+                return;
+            }
+        };
+    new.warnings.iter().for_each(|w| tracing::warn!("{w}"));
     let restart = old.needs_restart(&new);
     if !restart.is_empty() {
         tracing::warn!(
@@ -344,34 +368,86 @@ async fn reload(path: &Path, shared: &config::Shared, store: &store::Store) {
         );
     }
     let stopped = old.stopped_in(&new);
+    let resumed = old.resumed_in(&new);
     let webhooks = new.webhooks().len();
     shared.set(new);
     if !stopped.is_empty() {
-        match cancel_waiting(store, &stopped).await {
-            Ok(n) => {
-                tracing::info!(cancelled = n, "reload: deliveries to removed or disabled webhooks cancelled")
+        match hold_waiting(store, &stopped).await {
+            Ok(n) => tracing::info!(held = n, "reload: deliveries to removed or disabled webhooks held"),
+            Err(e) => tracing::error!(error = %e, "reload: cannot hold deliveries of removed webhooks"),
+        }
+    }
+    for webhook in resumed {
+        match release_held(store, engine, webhook).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(webhook_id = %webhook, released = n, "reload: held deliveries due again"),
+            Err(e) => {
+                tracing::error!(webhook_id = %webhook, error = %e, "reload: cannot release held deliveries")
             }
-            Err(e) => tracing::error!(error = %e, "reload: cannot cancel deliveries of removed webhooks"),
         }
     }
     tracing::info!(webhooks, "config reloaded");
 }
 
-/// Cancels every delivery waiting for one of `stopped`, a thousand at a time:
+/// Why a file that validates must still not replace the running config: an
+/// empty file (an editor or tool caught mid-write) or one that would remove
+/// every webhook.
+fn refusal(path: &Path, old: &config::Config, new: &config::Config) -> Option<String> {
+    let empty = std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
+    if empty {
+        return Some(format!("{} is empty (caught while being written?)", path.display()));
+    }
+    if new.webhooks().is_empty() && !old.webhooks().is_empty() {
+        return Some(format!(
+            "{} has no webhooks, and would remove all {} (caught while being written?); \
+             to stop every webhook, disable them one by one",
+            path.display(),
+            old.webhooks().len()
+        ));
+    }
+    None
+}
+
+/// Holds every delivery waiting for one of `stopped`, a thousand at a time:
 /// one request for a big backlog's keys would make one huge batch (and sled
 /// holds a batch's node copies until it ends).
-async fn cancel_waiting(
+async fn hold_waiting(
     store: &store::Store,
     stopped: &std::collections::HashSet<uuid::Uuid>,
 ) -> Result<usize, store::StoreError> {
     let wanted = stopped.clone();
     let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
-    let mut cancelled = 0;
+    let mut held = 0;
     for chunk in keys.chunks(1000) {
-        cancelled += store.cancel(chunk.to_vec(), Vec::new()).await?;
+        held += store.hold(chunk.to_vec(), Vec::new()).await?;
     }
     // Those never attempted have no due entry; the committer knows them.
-    Ok(cancelled + store.cancel(Vec::new(), stopped.iter().copied().collect()).await?)
+    Ok(held + store.hold(Vec::new(), stopped.iter().copied().collect()).await?)
+}
+
+/// Makes a returning webhook's held deliveries due now, a thousand at a time.
+/// Held ones have no due entry: they are found among the webhook's
+/// deliveries, which only a webhook that has some held needs to go through.
+async fn release_held(
+    store: &store::Store,
+    engine: &dispatch::Dispatcher,
+    webhook: uuid::Uuid,
+) -> Result<usize, store::StoreError> {
+    let keys = store
+        .read(move |r| {
+            if r.webhook_stats(&webhook)?.count(store::Status::Held) == 0 {
+                return Ok(Vec::new());
+            }
+            r.webhook_delivery_keys_since(webhook, 0)
+        })
+        .await?;
+    let mut released = 0;
+    for chunk in keys.chunks(1000) {
+        let due = store.requeue(chunk.to_vec(), &[store::Status::Held]).await?;
+        released += due.len();
+        engine.scheduled(due);
+    }
+    Ok(released)
 }
 
 /// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.

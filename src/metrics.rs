@@ -64,6 +64,7 @@ struct Inner {
     consecutive_failures: Family<WebhookLabel, Gauge>,
     last_success: Family<WebhookLabel, Gauge<f64, AtomicU64>>,
     undecodable: Counter,
+    reloads_refused: Counter,
 }
 
 impl Metrics {
@@ -82,6 +83,7 @@ impl Metrics {
             consecutive_failures: Family::default(),
             last_success: Family::default(),
             undecodable: Counter::default(),
+            reloads_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events stored and acknowledged, by type", inner.events.clone());
@@ -123,6 +125,11 @@ impl Metrics {
             "Stored records this build could not decode (skipped)",
             inner.undecodable.clone(),
         );
+        registry.register(
+            "config_reloads_refused",
+            "SIGHUP reloads refused (a file empty, invalid, or removing every webhook); the running config stayed",
+            inner.reloads_refused.clone(),
+        );
         Metrics { inner: Arc::new(Inner { registry, ..inner }) }
     }
 
@@ -137,6 +144,10 @@ impl Metrics {
 
     pub fn undecodable(&self) {
         self.inner.undecodable.inc();
+    }
+
+    pub fn reload_refused(&self) {
+        self.inner.reloads_refused.inc();
     }
 
     /// The text exposition, with the stored-state gauges set from `s`.

@@ -61,7 +61,7 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
     d.signal(libc::SIGHUP);
     d.wait_log("config reloaded", 1);
     let ev = d.event(&first);
-    assert_eq!(delivery_to(&ev, W2)["status"], "cancelled", "{ev}");
+    assert_eq!(delivery_to(&ev, W2)["status"], "held", "{ev}");
     assert_eq!(delivery_to(&ev, W2)["next_attempt_at"], Value::Null);
 
     let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
@@ -93,12 +93,111 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
     d.wait_log("config reloaded", 2);
     assert!(d.log().contains("take effect only after a restart"));
     assert_eq!(d.get("/healthz").0, 200, "still serving on the old address");
+
+    // W2 back, mended: its held delivery is due again, and goes out.
+    let back = format!("{after}{}", webhook(W2, CLIENT_A, &rx.url("/ok/w2-back"), r#"["*"]"#));
+    d.write_config(&back);
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 3);
+    let ev = d.wait_settled(&first, &["succeeded"], SETTLE);
+    assert_eq!(delivery_to(&ev, W2)["attempts"].as_array().unwrap().len(), 3, "{ev}");
+    assert_eq!(rx.hits_on("/ok/w2-back").len(), 1);
+}
+
+/// A config caught half-written (an editor truncating then writing, a tool
+/// mid-copy) must never destroy deliveries: an empty file and one without
+/// webhooks are refused; one that drops a webhook holds its deliveries
+/// until the whole file is back.
+#[test]
+fn a_config_caught_half_written_destroys_nothing() {
+    let rx = Receiver::start();
+    let delivery = "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n";
+    let good = format!(
+        "{delivery}{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/fail/w2"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &good);
+    let waiting: Vec<String> = (0..20)
+        .map(|_| d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &waiting {
+        d.wait_settled(id, &["succeeded", "retrying"], SETTLE);
+    }
+    let refused = |n: usize| {
+        d.wait_log("reload refused", n);
+        let (_, m) = d.request("GET", "/metrics", None, None);
+        let text = m.as_str().unwrap_or_default().to_owned();
+        assert!(text.contains(&format!("nexor_webhookd_config_reloads_refused_total {n}")), "{text}");
+    };
+    // Empty.
+    std::fs::write(d.config_path(), "").unwrap();
+    d.signal(libc::SIGHUP);
+    refused(1);
+    assert!(d.log().contains("is empty"));
+    // Only its first section: valid, but without a single webhook.
+    d.write_config(delivery);
+    d.signal(libc::SIGHUP);
+    refused(2);
+    assert!(d.log().contains("would remove all 2"));
+    let (status, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    assert_eq!((status, body["deliveries"].as_u64()), (202, Some(2)), "the running config stays");
+
+    // Cut inside the second webhook's table: W2 gone for now, held.
+    let cut = &good[..good.rfind("[[webhooks]]").unwrap()];
+    d.write_config(cut);
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1);
+    for id in &waiting {
+        assert_eq!(delivery_to(&d.event(id), W2)["status"], "held");
+    }
+    // The whole file back (W2 mended meanwhile): everything is delivered.
+    d.write_config(&good.replace("/fail/w2", "/ok/w2"));
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 2);
+    for id in &waiting {
+        d.wait_settled(id, &["succeeded"], SETTLE);
+    }
+    assert_eq!(rx.hits_on("/ok/w2").len(), waiting.len() + 1);
+}
+
+/// Held deliveries of a webhook the operator removed for good are cancelled
+/// by the operator, not by a reload.
+#[test]
+fn held_deliveries_are_cancelled_on_request_only() {
+    let rx = Receiver::start();
+    let delivery = "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n";
+    let d = Daemon::start(
+        "",
+        &format!(
+            "{delivery}{}{}",
+            webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#),
+            webhook(W2, CLIENT_A, &rx.url("/fail/w2"), r#"["*"]"#)
+        ),
+    );
+    let id = d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned();
+    d.wait_settled(&id, &["succeeded", "retrying"], SETTLE);
+    d.write_config(&format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)));
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1);
+    assert_eq!(delivery_to(&d.event(&id), W2)["status"], "held");
+    let out = std::process::Command::new(bin())
+        .args(["cancel", "--webhook-id", W2, "--config"])
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""cancelled":1"#));
+    assert_eq!(delivery_to(&d.event(&id), W2)["status"], "cancelled");
+    // Nothing else was touched: W1's delivery is as it was.
+    assert_eq!(delivery_to(&d.event(&id), W1)["status"], "succeeded");
 }
 
 /// Deliveries never attempted live in the dispatcher's memory, not in the
-/// stored due index: a reload that removes their webhook cancels them too.
+/// stored due index: a reload that removes their webhook holds them too,
+/// and they go out once it is back.
 #[test]
-fn a_reload_cancels_deliveries_never_attempted_too() {
+fn a_reload_holds_deliveries_never_attempted_too() {
     let rx = Receiver::start();
     let delivery = "[delivery]\nper_webhook_in_flight = 1\nallow_private_targets = true\n\n";
     let d =
@@ -111,14 +210,21 @@ fn a_reload_cancels_deliveries_never_attempted_too() {
     d.signal(libc::SIGHUP);
     d.wait_log("config reloaded", 1);
     let statuses: Vec<Value> = ids.iter().map(|id| delivery_to(&d.event(id), W1)["status"].clone()).collect();
-    let cancelled = statuses.iter().filter(|s| *s == "cancelled").count();
-    assert!(cancelled >= 2, "the two waiting deliveries are cancelled at reload: {statuses:?}");
+    let held = statuses.iter().filter(|s| *s == "held").count();
+    assert!(held >= 2, "the two waiting deliveries are held at reload: {statuses:?}");
     rx.set_gate(true);
     // The one in flight ends at its attempt: the webhook is gone by then or the receiver answers.
     for id in &ids {
-        d.wait_settled(id, &["cancelled", "succeeded"], SETTLE);
+        d.wait_settled(id, &["held", "succeeded"], SETTLE);
     }
-    assert!(rx.hits_on("/gate/w1").len() <= 1, "nothing cancelled was sent");
+    assert!(rx.hits_on("/gate/w1").len() <= 1, "nothing held was sent");
+    // W1 back: every one of them is delivered.
+    d.write_config(&format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/gate/w1"), r#"["*"]"#)));
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 2);
+    for id in &ids {
+        d.wait_settled(id, &["succeeded"], SETTLE);
+    }
 }
 
 #[test]

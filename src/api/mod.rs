@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}", get(webhooks::show))
         .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/webhooks/{id}/recover", post(webhooks::recover))
+        .route("/webhooks/{id}/cancel", post(webhooks::cancel))
         .route("/webhooks/{id}/test", post(events::test_send))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     // The body limit is fixed at start; a reload that changes it says so.

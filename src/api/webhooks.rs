@@ -1,4 +1,5 @@
-//! Per-webhook calls: configuration and health, the delivery log, recovery.
+//! Per-webhook calls: configuration and health, the delivery log, recovery,
+//! cancelling what waits.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -159,4 +160,32 @@ pub async fn recover(
         requeued += requeue(&state, chunk.to_vec(), &[Status::Failed]).await?;
     }
     Ok(Json(json!({ "webhook_id": id, "since": clock::format_ms(since_ms), "requeued": requeued })))
+}
+
+/// `POST /v1/webhooks/{id}/cancel`: every delivery to this webhook still
+/// waiting for an attempt, or held because a reload removed or disabled the
+/// webhook, is cancelled. The webhook need not be configured any more: held
+/// deliveries of a removed webhook are what this is for.
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let keys = state
+        .store
+        .read(move |store| {
+            let page = store.webhook_deliveries(id, None, None, usize::MAX)?;
+            Ok(page
+                .deliveries
+                .into_iter()
+                .filter(|(_, d)| !d.status.is_final())
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    let mut cancelled = 0;
+    // Bounded batches keep each committer request small; the last one also
+    // reaches deliveries never attempted, which the committer alone knows.
+    for chunk in keys.chunks(1000) {
+        cancelled += state.store.cancel(chunk.to_vec(), Vec::new()).await?;
+    }
+    cancelled += state.store.cancel(Vec::new(), vec![id]).await?;
+    Ok(Json(json!({ "webhook_id": id, "cancelled": cancelled })))
 }

@@ -50,10 +50,12 @@ pub enum Op {
         from: &'static [Status],
     },
     /// Stop these deliveries, and the unindexed ones of these webhooks, if
-    /// they are still waiting for an attempt.
-    Cancel {
+    /// they are still waiting for an attempt: `to` is `Held` (their webhook
+    /// is gone for now) or `Cancelled` (which also ends held ones).
+    Stop {
         keys: Vec<DeliveryKey>,
         webhooks: Vec<Uuid>,
+        to: Status,
     },
     /// Delete these events, where every delivery of one is final; stops
     /// early, after a whole event, once it has made a batch's writes.
@@ -72,7 +74,7 @@ impl Op {
             // The event, then per webhook its delivery and (once a batch) its stats.
             Op::Ingest(e) => 2 + 2 * e.record.webhooks.len(),
             Op::Record(_) | Op::SetAside(_) => 2,
-            Op::Requeue { keys, .. } | Op::Cancel { keys, .. } | Op::Index(keys) => 2 * keys.len(),
+            Op::Requeue { keys, .. } | Op::Stop { keys, .. } | Op::Index(keys) => 2 * keys.len(),
             Op::Prune(seqs) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
         }
     }
@@ -420,10 +422,10 @@ impl Committer {
             Op::Ingest(ev) => self.ingest(p, ev).map(Reply::Ingested),
             Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
             Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
-            Op::Cancel { mut keys, webhooks } => {
+            Op::Stop { mut keys, webhooks, to } => {
                 let unindexed = self.unindexed.keys().chain(&p.unindexed_new);
                 keys.extend(unindexed.filter(|k| webhooks.contains(&k.webhook)));
-                self.cancel(p, keys).map(Reply::Count)
+                self.stop(p, keys, to).map(Reply::Count)
             }
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),
             Op::Index(keys) => self.index(p, keys).map(Reply::Queued),
@@ -585,14 +587,14 @@ impl Committer {
         Ok(at.map(|at| Due { at_ms: at.max(0) as u64, key }))
     }
 
-    fn cancel(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>) -> Result<usize, StoreError> {
+    fn stop(&mut self, p: &mut Pending, keys: Vec<DeliveryKey>, to: Status) -> Result<usize, StoreError> {
         let mut n = 0;
         for key in keys {
             let changed = self.update_delivery(p, key, |r| {
-                if r.status.is_final() {
+                if r.status.is_final() || r.status == to {
                     return false;
                 }
-                r.status = Status::Cancelled;
+                r.status = to;
                 r.next_attempt_at = None;
                 true
             })?;
@@ -617,7 +619,7 @@ impl Committer {
                     deliveries.push((key, d));
                 }
             }
-            if !deliveries.iter().all(|(_, d)| d.status.is_final()) {
+            if !deliveries.iter().all(|(_, d)| d.status.is_settled()) {
                 continue;
             }
             writes += 2 + deliveries.len();

@@ -175,15 +175,12 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// Marks a new database with this build's layout, brings one of layout 2 or
-/// 3 up to it; refuses one of another.
+/// Marks a new database with this build's layout, brings one of layout 2
+/// to 4 up to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = match db.get(keys::LAYOUT)? {
         Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
-        Some(v) if *v == [2] => return count_due_entries(db),
-        // Layout 4 only adds `F` ranges, and a layout-3 database has none:
-        // like a new one, it only needs the mark.
-        Some(v) if *v == [3] => None,
+        Some(v) if (2..=4).contains(&v[0]) && v.len() == 1 => return upgrade(db, v[0]),
         Some(v) => Some(format!("layout {}", v.first().copied().unwrap_or(0))),
         None if db.is_empty() => None,
         None => Some("data of an earlier development build (layout 1)".into()),
@@ -198,15 +195,25 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Layout 2 to 4: counts the due index per second (`H` keys), once.
-fn count_due_entries(db: &sled::Db) -> Result<(), StoreError> {
-    let mut counts = std::collections::BTreeMap::<u64, u64>::new();
-    for k in db.scan_prefix([keys::DUE]).keys() {
-        *counts.entry(keys::parse_due(&k?).at_ms / 1000).or_default() += 1;
-    }
+/// Brings a database of layout 2, 3 or 4 up to 5, in one batch. Layout 2
+/// lacks the per-second counts of the due index (`H`); layout 3 lacks
+/// nothing else (layout 4's `F` ranges are only ever made by layout 4 and
+/// later builds); layouts 2 to 4 store webhook stats without a `held` count.
+fn upgrade(db: &sled::Db, from: u8) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
-    for (second, n) in counts {
-        batch.insert(&keys::due_count(second)[..], &n.to_be_bytes()[..]);
+    if from == 2 {
+        let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+        for k in db.scan_prefix([keys::DUE]).keys() {
+            *counts.entry(keys::parse_due(&k?).at_ms / 1000).or_default() += 1;
+        }
+        for (second, n) in counts {
+            batch.insert(&keys::due_count(second)[..], &n.to_be_bytes()[..]);
+        }
+    }
+    for kv in db.scan_prefix([keys::STATS]) {
+        let (k, v) = kv?;
+        let old: WebhookStatsV4 = codec::decode(&k, &v)?;
+        batch.insert(k, codec::encode(&WebhookStats::from(old)));
     }
     batch.insert(&keys::LAYOUT[..], &[keys::LAYOUT_VERSION][..]);
     db.apply_batch(batch)?;
@@ -378,11 +385,18 @@ impl Store {
         }
     }
 
-    /// Cancels those of `keys` still waiting for an attempt, and every
-    /// delivery to `webhooks` never attempted (which has no due entry to
-    /// find it by); returns how many.
+    /// Cancels those of `keys` still waiting for an attempt or held, and
+    /// every delivery to `webhooks` never attempted (which has no due entry
+    /// to find it by); returns how many.
     pub async fn cancel(&self, keys: Vec<DeliveryKey>, webhooks: Vec<Uuid>) -> Result<usize, StoreError> {
-        self.count(Op::Cancel { keys, webhooks }).await
+        self.count(Op::Stop { keys, webhooks, to: Status::Cancelled }).await
+    }
+
+    /// Holds those of `keys` still waiting for an attempt, and every
+    /// delivery to `webhooks` never attempted, until their webhook comes
+    /// back ([`Store::requeue`] from `Held`); returns how many.
+    pub async fn hold(&self, keys: Vec<DeliveryKey>, webhooks: Vec<Uuid>) -> Result<usize, StoreError> {
+        self.count(Op::Stop { keys, webhooks, to: Status::Held }).await
     }
 
     /// Deletes the events among `seqs` (ascending) whose deliveries are all
@@ -728,6 +742,33 @@ mod tests {
         on_disk(&|db| assert!(db.get(keys::LAYOUT).unwrap().is_none() && db.len() == 1));
     }
 
+    #[tokio::test]
+    async fn a_layout_4_database_keeps_its_stats_through_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Uuid::from_bytes([7; 16]);
+        {
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            for id in 1..=3 {
+                store.ingest(new(id, "{}", &[w])).await.unwrap();
+            }
+        }
+        // Stats as layout 4 stored them: five counts, no `held`.
+        let old = (Some(11i64), None::<i64>, Some("HTTP 500".to_owned()), 4u32, [3u64, 0, 0, 0, 0]);
+        raw(dir.path(), |db| {
+            db.insert(keys::stats(&w), codec::encode(&old)).unwrap();
+            db.insert(keys::LAYOUT, &[4]).unwrap();
+        });
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let stats = reads(&store).webhook_stats(&w).unwrap();
+        assert_eq!(
+            (stats.last_success_ms, stats.consecutive_failures, stats.count(Status::Pending)),
+            (Some(11), 4, 3)
+        );
+        assert_eq!(stats.count(Status::Held), 0);
+        drop(store);
+        raw(dir.path(), |db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
+    }
+
     /// The due index counted entry by entry, as `count_due` did before the
     /// per-second counts.
     fn counted(store: &Store, now_ms: u64) -> u64 {
@@ -1024,16 +1065,35 @@ mod tests {
         let d = reads(&store).delivery(keys[0]).unwrap().unwrap();
         assert_eq!((d.status, d.attempts_in_round(), d.attempts.len()), (Status::Pending, 0, 1));
 
-        // Cancel everything waiting: the due index empties.
-        assert_eq!(store.cancel(keys.clone(), Vec::new()).await.unwrap(), 4);
+        // Hold two (their webhook went away), cancel one of those and one
+        // more; one stays pending. Held and cancelled leave the due index.
+        assert_eq!(
+            store.hold(vec![keys[0], keys[1], keys[2]], Vec::new()).await.unwrap(),
+            2,
+            "not the succeeded"
+        );
+        assert_eq!(store.hold(vec![keys[0]], Vec::new()).await.unwrap(), 0, "held already");
+        assert_eq!(store.cancel(vec![keys[0], keys[4]], Vec::new()).await.unwrap(), 2);
+        // (keys[3] was never attempted: due, but not in the index.)
         assert!(reads(&store).scan_due(Due::at(0), u64::MAX - 1, 100).unwrap().is_empty());
-        assert_eq!(reads(&store).webhook_stats(&w).unwrap().count(Status::Cancelled), 4);
+        assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 1);
+        let stats = reads(&store).webhook_stats(&w).unwrap();
+        assert_eq!(
+            [Status::Pending, Status::Held, Status::Cancelled, Status::Succeeded].map(|s| stats.count(s)),
+            [1, 1, 2, 1]
+        );
 
-        // Prune: all final now, so every event goes, and the counts with them.
+        // Prune: the settled (final or held) go, the pending one stays.
         let seqs = reads(&store).events_between(0, u64::MAX, 100).unwrap();
         let last = *seqs.last().unwrap();
-        assert_eq!(store.prune(seqs).await.unwrap(), Pruned { deleted: 5, through: last });
+        assert_eq!(store.prune(seqs.clone()).await.unwrap(), Pruned { deleted: 4, through: last });
+        assert_eq!(reads(&store).events_between(0, u64::MAX, 100).unwrap(), vec![keys[3].seq]);
         assert!(reads(&store).find_event(&Uuid::from_bytes([1; 16])).unwrap().is_none());
+        assert_eq!(store.cancel(vec![keys[3]], Vec::new()).await.unwrap(), 1);
+        assert_eq!(
+            store.prune(vec![keys[3].seq]).await.unwrap(),
+            Pruned { deleted: 1, through: keys[3].seq }
+        );
         assert!(reads(&store).webhook_deliveries(w, None, None, 10).unwrap().deliveries.is_empty());
         let stats = reads(&store).webhook_stats(&w).unwrap();
         assert!(Status::ALL.iter().all(|s| stats.count(*s) == 0));

@@ -29,11 +29,21 @@ pub enum Status {
     Succeeded,
     Failed,
     Cancelled,
+    /// Waiting for its webhook, which a reload removed or disabled: not
+    /// attempted, never given up on. It is due again if the webhook comes
+    /// back; an operator may cancel it; retention prunes it like a final one.
+    Held,
 }
 
 impl Status {
-    pub const ALL: [Status; 5] =
-        [Status::Pending, Status::Retrying, Status::Succeeded, Status::Failed, Status::Cancelled];
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::Retrying,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+        Status::Held,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +52,7 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Held => "held",
         }
     }
 
@@ -52,6 +63,12 @@ impl Status {
     /// Whether no attempt will be made without an operator's redelivery.
     pub fn is_final(self) -> bool {
         matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    /// Whether nothing is attempted until something changes: final, or held.
+    /// Retention prunes events whose deliveries are all settled.
+    pub fn is_settled(self) -> bool {
+        self.is_final() || self == Status::Held
     }
 
     fn index(self) -> usize {
@@ -94,7 +111,32 @@ pub struct WebhookStats {
     pub last_failure_ms: Option<i64>,
     pub last_failure: Option<String>,
     pub consecutive_failures: u32,
+    by_status: [u64; 6],
+}
+
+/// [`WebhookStats`] as layouts 2 to 4 stored it, before `held`: read only
+/// by the upgrade to layout 5.
+#[derive(Deserialize)]
+pub struct WebhookStatsV4 {
+    last_success_ms: Option<i64>,
+    last_failure_ms: Option<i64>,
+    last_failure: Option<String>,
+    consecutive_failures: u32,
     by_status: [u64; 5],
+}
+
+impl From<WebhookStatsV4> for WebhookStats {
+    fn from(old: WebhookStatsV4) -> Self {
+        let mut by_status = [0; 6];
+        by_status[..5].copy_from_slice(&old.by_status);
+        WebhookStats {
+            last_success_ms: old.last_success_ms,
+            last_failure_ms: old.last_failure_ms,
+            last_failure: old.last_failure,
+            consecutive_failures: old.consecutive_failures,
+            by_status,
+        }
+    }
 }
 
 impl WebhookStats {
