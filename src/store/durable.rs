@@ -188,8 +188,10 @@ impl Syncer {
             sync_dir(dir)?;
         }
         let ledger = OpenOptions::new().write(true).open(&path).map_err(|e| io("open the ledger", e))?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
+        // The directory and its parents may just have been made: each one's
+        // entry must be durable too.
+        for ancestor in dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(ancestor)?;
         }
         Ok(Syncer { dir: dir.to_owned(), db_file, ledger, synced: HashMap::new() })
     }
