@@ -64,6 +64,24 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Queues those of `keys` whose status is in `from` for an attempt now,
+    /// a thousand per store request (one request for a big backlog's keys
+    /// would make one huge batch), and schedules them; returns how many.
+    pub async fn requeue(
+        &self,
+        store: &Store,
+        keys: &[DeliveryKey],
+        from: &'static [Status],
+    ) -> Result<usize, StoreError> {
+        let mut requeued = 0;
+        for chunk in keys.chunks(1000) {
+            let due = store.requeue(chunk.to_vec(), from).await?;
+            requeued += due.len();
+            self.scheduled(due);
+        }
+        Ok(requeued)
+    }
+
     /// `due` was just stored; attempt it when its time comes.
     pub fn scheduled(&self, due: Vec<Due>) {
         self.send(Msg::Scheduled(due, None));

@@ -408,26 +408,20 @@ fn refusal(path: &Path, old: &config::Config, new: &config::Config) -> Option<St
     None
 }
 
-/// Holds every delivery waiting for one of `stopped`, a thousand at a time:
-/// one request for a big backlog's keys would make one huge batch (and sled
-/// holds a batch's node copies until it ends).
+/// Holds every delivery waiting for one of `stopped`: those in the due
+/// index, and those never attempted, which the committer knows.
 async fn hold_waiting(
     store: &store::Store,
     stopped: &std::collections::HashSet<uuid::Uuid>,
 ) -> Result<usize, store::StoreError> {
     let wanted = stopped.clone();
     let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
-    let mut held = 0;
-    for chunk in keys.chunks(1000) {
-        held += store.hold(chunk.to_vec(), Vec::new()).await?;
-    }
-    // Those never attempted have no due entry; the committer knows them.
-    Ok(held + store.hold(Vec::new(), stopped.iter().copied().collect()).await?)
+    store.hold(keys, stopped.iter().copied().collect()).await
 }
 
-/// Makes a returning webhook's held deliveries due now, a thousand at a time.
-/// Held ones have no due entry: they are found among the webhook's
-/// deliveries, which only a webhook that has some held needs to go through.
+/// Makes a returning webhook's held deliveries due now. Held ones have no
+/// due entry: they are found among the webhook's deliveries, which only a
+/// webhook that has some held needs to go through.
 async fn release_held(
     store: &store::Store,
     engine: &dispatch::Dispatcher,
@@ -441,13 +435,7 @@ async fn release_held(
             r.webhook_delivery_keys_since(webhook, 0)
         })
         .await?;
-    let mut released = 0;
-    for chunk in keys.chunks(1000) {
-        let due = store.requeue(chunk.to_vec(), &[store::Status::Held]).await?;
-        released += due.len();
-        engine.scheduled(due);
-    }
-    Ok(released)
+    engine.requeue(store, &keys, &[store::Status::Held]).await
 }
 
 /// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.

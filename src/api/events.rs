@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{delivery_json, enabled, parse_id, requeue, ApiError, AppState};
+use super::{delivery_json, enabled, parse_id, ApiError, AppState};
 use crate::clock;
 use crate::event::{self, EventType, IngestError};
 use crate::store::{DeliveryKey, DeliveryRecord, EventRecord, Ingested, NewEvent, Status, StoreError};
@@ -128,7 +128,8 @@ pub async fn redeliver(
     // A webhook that is gone or disabled would only cancel the attempt again.
     let (live, skipped): (Vec<_>, Vec<_>) =
         keys.into_iter().partition(|k| config.webhook(&k.webhook).is_some_and(|w| w.enabled));
-    let requeued = requeue(&state, live, &[Status::Failed, Status::Cancelled]).await?;
+    let requeued =
+        state.dispatcher.requeue(&state.store, &live, &[Status::Failed, Status::Cancelled]).await?;
     Ok(Json(json!({ "event_id": event.event_id, "requeued": requeued, "skipped_disabled": skipped.len() })))
 }
 

@@ -29,7 +29,7 @@ use crate::config::{self, Config, Webhook};
 use crate::dispatch::Dispatcher;
 use crate::event::IngestError;
 use crate::metrics::{Metrics, Snapshot};
-use crate::store::{Attempt, DeliveryKey, DeliveryRecord, Status, Store, StoreError};
+use crate::store::{Attempt, DeliveryRecord, Status, Store, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -232,16 +232,4 @@ fn delivery_json(d: &DeliveryRecord) -> Value {
         "next_attempt_at": d.next_attempt_at.map(clock::format_ms),
         "attempts": d.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
     })
-}
-
-/// Queues `keys` whose status is in `from` for an attempt now; returns how many.
-async fn requeue(
-    state: &AppState,
-    keys: Vec<DeliveryKey>,
-    from: &'static [Status],
-) -> Result<usize, ApiError> {
-    let due = state.store.requeue(keys, from).await?;
-    let n = due.len();
-    state.dispatcher.scheduled(due);
-    Ok(n)
 }

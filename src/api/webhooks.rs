@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{attempt_json, configured, enabled, parse_id, requeue, ApiError, AppState};
+use super::{attempt_json, configured, enabled, parse_id, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
 use crate::store::{first_seq_at, seq_time_ms, Status, WebhookStats};
@@ -154,11 +154,7 @@ pub async fn recover(
         .ok_or_else(|| ApiError::invalid("since", format!("{since:?} is not an RFC 3339 timestamp")))?;
     let keys =
         state.store.read(move |store| store.webhook_delivery_keys_since(id, first_seq_at(since_ms))).await?;
-    let mut requeued = 0;
-    // Bounded batches keep each committer request small.
-    for chunk in keys.chunks(1000) {
-        requeued += requeue(&state, chunk.to_vec(), &[Status::Failed]).await?;
-    }
+    let requeued = state.dispatcher.requeue(&state.store, &keys, &[Status::Failed]).await?;
     Ok(Json(json!({ "webhook_id": id, "since": clock::format_ms(since_ms), "requeued": requeued })))
 }
 
@@ -180,12 +176,6 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Re
                 .collect::<Vec<_>>())
         })
         .await?;
-    let mut cancelled = 0;
-    // Bounded batches keep each committer request small; the last one also
-    // reaches deliveries never attempted, which the committer alone knows.
-    for chunk in keys.chunks(1000) {
-        cancelled += state.store.cancel(chunk.to_vec(), Vec::new()).await?;
-    }
-    cancelled += state.store.cancel(Vec::new(), vec![id]).await?;
+    let cancelled = state.store.cancel(keys, vec![id]).await?;
     Ok(Json(json!({ "webhook_id": id, "cancelled": cancelled })))
 }

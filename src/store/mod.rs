@@ -389,14 +389,31 @@ impl Store {
     /// every delivery to `webhooks` never attempted (which has no due entry
     /// to find it by); returns how many.
     pub async fn cancel(&self, keys: Vec<DeliveryKey>, webhooks: Vec<Uuid>) -> Result<usize, StoreError> {
-        self.count(Op::Stop { keys, webhooks, to: Status::Cancelled }).await
+        self.stop(keys, webhooks, Status::Cancelled).await
     }
 
     /// Holds those of `keys` still waiting for an attempt, and every
     /// delivery to `webhooks` never attempted, until their webhook comes
     /// back ([`Store::requeue`] from `Held`); returns how many.
     pub async fn hold(&self, keys: Vec<DeliveryKey>, webhooks: Vec<Uuid>) -> Result<usize, StoreError> {
-        self.count(Op::Stop { keys, webhooks, to: Status::Held }).await
+        self.stop(keys, webhooks, Status::Held).await
+    }
+
+    /// [`Op::Stop`] a thousand keys per request: one request for a big
+    /// backlog's keys would make one huge batch (and sled holds a batch's
+    /// node copies until it ends). The webhooks' unindexed deliveries,
+    /// which only the committer knows, go in a request of their own.
+    async fn stop(
+        &self,
+        keys: Vec<DeliveryKey>,
+        webhooks: Vec<Uuid>,
+        to: Status,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for chunk in keys.chunks(1000) {
+            n += self.count(Op::Stop { keys: chunk.to_vec(), webhooks: Vec::new(), to }).await?;
+        }
+        Ok(n + self.count(Op::Stop { keys: Vec::new(), webhooks, to }).await?)
     }
 
     /// Deletes the events among `seqs` (ascending) whose deliveries are all
