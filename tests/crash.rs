@@ -31,11 +31,7 @@ fn every_acknowledged_event_is_delivered_after_kill_9() {
         .map(|_| {
             let (acked, stop, base) = (acked.clone(), stop.clone(), d.base.clone());
             std::thread::spawn(move || {
-                let agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(10)))
-                    .build()
-                    .new_agent();
+                let agent = agent(Duration::from_secs(10));
                 while !stop.load(Ordering::Relaxed) {
                     let id = uuid::Uuid::new_v4().to_string();
                     let body = format!(

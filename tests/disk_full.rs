@@ -38,11 +38,7 @@ fn big_events_at_a_nearly_full_disk_get_503_and_the_daemon_stays_responsive() {
         .map(|c| {
             let (acked, refused, stop, base) = (acked.clone(), refused.clone(), stop.clone(), d.base.clone());
             std::thread::spawn(move || {
-                let agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(20)))
-                    .build()
-                    .new_agent();
+                let agent = agent(Duration::from_secs(20));
                 let pad = "x".repeat(900 * 1000);
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {

@@ -273,11 +273,7 @@ fn every_acknowledged_event_survives_power_cuts() {
             let base = d.base.clone();
             let mut rng = Rng(seed ^ (c as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
             std::thread::spawn(move || {
-                let agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(30)))
-                    .build()
-                    .new_agent();
+                let agent = agent(Duration::from_secs(30));
                 while !stop.load(Ordering::Relaxed) {
                     // About 10 posts a second per client: enough in flight at
                     // any moment, few enough to check them all in time.

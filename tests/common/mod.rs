@@ -181,6 +181,16 @@ pub fn webhook(id: &str, client: &str, url: &str, events: &str) -> String {
     )
 }
 
+/// An HTTP client for the daemon's API: statuses are answers, not errors,
+/// and no request waits longer than `timeout`.
+pub fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .new_agent()
+}
+
 /// The real `nexor-webhookd` binary running on a temp directory.
 pub struct Daemon {
     pub base: String,
@@ -217,11 +227,7 @@ impl Daemon {
     pub fn configured(storage: Option<&Path>, server_extra: &str, rest: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .new_agent();
+        let agent = agent(Duration::from_secs(30));
         let storage = storage.map(Path::to_owned).unwrap_or_else(|| dir.path().join("data"));
         let d = Daemon {
             base: format!("http://127.0.0.1:{port}"),
