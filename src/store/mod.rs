@@ -44,6 +44,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored record {key} cannot be decoded: {reason}")]
     Corrupt { key: String, reason: String },
+    /// sled found a damaged page when it read it (it reads pages lazily,
+    /// so a zeroed segment can pass its open and show here).
+    #[error("sled read damaged data: {0}")]
+    SledCorruption(String),
     #[error("no delivery {0:?}")]
     UnknownDelivery(DeliveryKey),
     #[error("the disk holding storage is nearly full ({free} bytes free, {needed} needed); free some space")]
@@ -80,7 +84,10 @@ pub struct Options {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        match e {
+            sled::Error::Corruption { .. } => StoreError::SledCorruption(e.to_string()),
+            e => StoreError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -162,7 +169,7 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
         Ok(Err(sled::Error::Io(io))) if io.to_string().contains("could not acquire lock") => {
             Err(StoreError::Locked(path.to_owned()))
         }
-        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(unreadable(e.to_string())),
+        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(StoreError::from(e)),
         Ok(Err(e)) => Err(StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))),
         Err(panic) => {
             let why = panic
@@ -239,7 +246,18 @@ pub struct Page {
 
 impl Store {
     /// Opens (or creates) the database under `path` and starts the committer.
+    /// Damage found on the way (sled's or a record's) refuses the start in
+    /// one line that names the directory.
     pub fn open(path: &Path, options: &Options) -> Result<Store, StoreError> {
+        Self::start(path, options).map_err(|e| match e {
+            StoreError::SledCorruption(_) | StoreError::Corrupt { .. } => {
+                StoreError::Unreadable { path: path.to_owned(), detail: e.to_string() }
+            }
+            e => e,
+        })
+    }
+
+    fn start(path: &Path, options: &Options) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
         let db = open_sled(path, options.cache_capacity)?;
