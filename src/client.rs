@@ -1,6 +1,6 @@
-//! The command-line client: `send`, `status` and `redeliver` talk to the
-//! running daemon over its HTTP API, at the address and with the token of
-//! its config file. Blocking (ureq); no state of its own.
+//! The command-line client: `send`, `status`, `redeliver`, `cancel` and
+//! `backup` talk to the running daemon over its HTTP API, at the address
+//! and with the token of its config file. Blocking (ureq); no state of its own.
 
 use std::time::Duration;
 
@@ -140,6 +140,17 @@ impl Client {
     /// `cancel`: cancels every delivery to a webhook that waits or is held.
     pub fn cancel(&self, webhook_id: &str) -> anyhow::Result<()> {
         let answer = self.call("POST", &format!("/v1/webhooks/{webhook_id}/cancel"), None)?;
+        println!("{answer}");
+        Ok(())
+    }
+
+    /// `backup`: has the daemon copy its store to `to` (made absolute here:
+    /// the daemon's working directory is not the caller's).
+    pub fn backup(&self, to: &std::path::Path) -> anyhow::Result<()> {
+        let to = std::path::absolute(to).with_context(|| format!("cannot resolve {}", to.display()))?;
+        let encoded: String =
+            url::form_urlencoded::byte_serialize(to.as_os_str().as_encoded_bytes()).collect();
+        let answer = self.call("POST", &format!("/v1/storage/backup?to={encoded}"), None)?;
         println!("{answer}");
         Ok(())
     }

@@ -4,8 +4,9 @@
 //! engine, retention, HTTP API — tells systemd it is ready, reloads the
 //! config on SIGHUP, and takes everything down in reverse on SIGTERM or
 //! SIGINT. `check-config` runs the same validation as `run`. `send`,
-//! `status` and `redeliver` talk to a running daemon; `receive` and `verify`
-//! are tools for the receiving side.
+//! `status`, `redeliver`, `cancel` and `backup` talk to a running daemon;
+//! `restore` and `check-storage` work on a stopped one's storage; `receive`
+//! and `verify` are tools for the receiving side.
 
 mod api;
 mod client;
@@ -114,6 +115,31 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Copy the running daemon's whole store into a new directory (absent or
+    /// empty, writable by the daemon), consistent as of one moment.
+    Backup {
+        /// Where the copy goes.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Copy a backup into the storage directory of a stopped daemon; the
+    /// directory must be absent or empty.
+    Restore {
+        /// The backup's directory.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Read a stopped daemon's whole store, without changing it: exit 0 when
+    /// every record decodes and every index entry points at something, 1
+    /// with the problems found.
+    CheckStorage {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Run a local receiver that verifies and prints each delivery.
     Receive {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -188,6 +214,16 @@ fn main() -> ExitCode {
         Command::Cancel { webhook_id, config } => {
             report(client(&config).and_then(|c| c.cancel(&webhook_id)), "cancel")
         }
+        Command::Backup { to, config } => report(client(&config).and_then(|c| c.backup(&to)), "backup"),
+        Command::Restore { from, config } => report(restore(&config, &from), "restore"),
+        Command::CheckStorage { config } => match check_storage(&config) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("nexor-webhookd check-storage: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Receive { listen, secret, tolerance, verbose, status, fail_rate } => {
             let opts = receive::Options { listen, secret, tolerance, verbose, status, fail_rate };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
@@ -228,6 +264,42 @@ fn report(result: anyhow::Result<()>, command: &str) -> ExitCode {
 
 fn client(arg: &ConfigArg) -> anyhow::Result<client::Client> {
     Ok(client::Client::new(&config::load(&arg.config)?))
+}
+
+fn restore(config: &ConfigArg, from: &Path) -> anyhow::Result<()> {
+    let to = config::load(&config.config)?.storage.path;
+    let copied = store::restore(from, &to)?;
+    println!(
+        "restored {} events ({} keys) from {} into {}",
+        copied.events,
+        copied.keys,
+        from.display(),
+        to.display()
+    );
+    Ok(())
+}
+
+/// Prints what the check found; whether the store is sound.
+fn check_storage(config: &ConfigArg) -> anyhow::Result<bool> {
+    let path = config::load(&config.config)?.storage.path;
+    let report = store::check_storage(&path)?;
+    let ledger = match report.acknowledged {
+        Some(n) => format!("{n} acknowledged"),
+        None => "no ledger".into(),
+    };
+    let summary = format!(
+        "{} events, {} deliveries ({} waiting), {} batches committed, {ledger}",
+        report.events, report.deliveries, report.waiting, report.commits
+    );
+    if report.problems.is_empty() {
+        println!("{}: ok: {summary}", path.display());
+        return Ok(true);
+    }
+    println!("{}: {} problems: {summary}", path.display(), report.problems.len());
+    for p in &report.problems {
+        println!("  {p}");
+    }
+    Ok(false)
 }
 
 fn read_body(source: &str) -> std::io::Result<Vec<u8>> {

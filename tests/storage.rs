@@ -145,3 +145,148 @@ fn a_segment_of_zeros_is_refused_in_one_line_or_loses_nothing() {
     }
     assert!(refusals > 0, "no zeroed segment was found to be damage");
 }
+
+/// Every file under `dir` with its bytes, to show a command changed nothing.
+fn files(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut all = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all.extend(files(&path));
+        } else {
+            all.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+#[test]
+fn a_backup_under_load_restores_one_moment_whole() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
+    );
+    let mut d = Daemon::start("", &cfg);
+    let backup = d.dir.path().join("backup");
+    let acked = std::sync::Mutex::new(Vec::<(String, std::time::Instant)>::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (started, answered, answer) = std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, v) = d.send("meeting.scheduled", CLIENT_A, r#"{"n":1}"#);
+                    assert_eq!(status, 202, "{v}");
+                    let id = v["event_id"].as_str().unwrap().to_owned();
+                    acked.lock().unwrap().push((id, std::time::Instant::now()));
+                }
+            });
+        }
+        wait_for("events before the backup", Duration::from_secs(30), || acked.lock().unwrap().len() >= 200);
+        let started = std::time::Instant::now();
+        let (code, out, err) = d.cli(&["backup", "--to", backup.to_str().unwrap()]);
+        let answered = std::time::Instant::now();
+        let n = acked.lock().unwrap().len();
+        wait_for("events after the backup", Duration::from_secs(30), || {
+            acked.lock().unwrap().len() >= n + 100
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(code, Some(0), "{out}{err}");
+        (started, answered, serde_json::from_str::<serde_json::Value>(&out).unwrap())
+    });
+    assert_eq!(d.terminate(), Some(0));
+    let acked = acked.into_inner().unwrap();
+
+    // Into a new daemon's empty storage: whole, and exactly what the copy says.
+    let mut r = Daemon::configured(None, "", &cfg);
+    let (code, out, err) = r.cli(&["restore", "--from", backup.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = r.cli(&["check-storage"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(": ok: "), "{out}");
+    r.start_again();
+    let held = answer["events"].as_u64().unwrap();
+    assert_eq!(retrying(&r), held, "{answer}");
+    for (id, at) in &acked {
+        let (status, _) = r.get(&format!("/v1/events/{id}"));
+        if *at < started {
+            assert_eq!(status, 200, "event {id}, acknowledged before the backup, is not in it");
+        } else if *at > answered {
+            assert_eq!(status, 404, "event {id}, acknowledged after the backup, is in it");
+        }
+    }
+}
+
+#[test]
+fn backup_and_restore_refuse_targets_that_are_not_empty() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
+    );
+    let mut d = Daemon::start("", &cfg);
+    assert_eq!(d.send("meeting.scheduled", CLIENT_A, "{}").0, 202);
+    let (status, v) = d.post("/v1/storage/backup?to=relative/dir", "");
+    assert_eq!(status, 422, "{v}");
+    let occupied = d.dir.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("keep"), "mine").unwrap();
+    let (code, _, err) = d.cli(&["backup", "--to", occupied.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("409") && err.contains("is not empty"), "{err}");
+    assert_eq!(std::fs::read_dir(&occupied).unwrap().count(), 1, "the occupied target changed");
+    let backup = d.dir.path().join("backup");
+    let (code, _, err) = d.cli(&["backup", "--to", backup.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(d.terminate(), Some(0));
+
+    // The store in use is not empty: a restore over it is refused, untouched.
+    let before = files(&d.storage);
+    let (code, _, err) = d.cli(&["restore", "--from", backup.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not empty"), "{err}");
+    assert_eq!(files(&d.storage), before, "a refused restore changed the store");
+    // Nor is a directory without a ledger taken for a backup.
+    let fresh = Daemon::configured(None, "", &cfg);
+    let (code, _, err) = fresh.cli(&["restore", "--from", occupied.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("holds no backup"), "{err}");
+    assert!(!fresh.storage.exists(), "a refused restore made the storage directory");
+}
+
+#[test]
+fn check_storage_changes_nothing_and_names_a_broken_reference() {
+    let (mut d, _rx) = stopped_with_waiting_events();
+    let before = files(&d.storage);
+    let (code, out, err) = d.cli(&["check-storage"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("ok: {EVENTS} events, {EVENTS} deliveries ({EVENTS} waiting)")), "{out}");
+    assert_eq!(files(&d.storage), before, "check-storage changed the store");
+
+    d.start_again();
+    let (code, _, err) = d.cli(&["check-storage"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("already using"), "{err}");
+    assert_eq!(d.terminate(), Some(0));
+
+    // One event gone behind the daemon's back: its delivery points at nothing.
+    let seq = {
+        let db = sled::open(&d.storage).unwrap();
+        let (key, _) = db.scan_prefix(b"E").next().unwrap().unwrap();
+        db.remove(&key).unwrap();
+        db.flush().unwrap();
+        u64::from_be_bytes(key[1..9].try_into().unwrap())
+    };
+    let (code, out, err) = d.cli(&["check-storage"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains(&format!("its event {seq} is not stored")), "{out}");
+
+    // A cut log: short of the ledger, said before anything else.
+    let file = std::fs::OpenOptions::new().write(true).open(db_file(&d)).unwrap();
+    file.set_len(file.metadata().unwrap().len() / 2).unwrap();
+    let before = files(&d.storage);
+    let (code, out, err) = d.cli(&["check-storage"]);
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(out.contains("short of what was acknowledged") || err.contains("is damaged"), "{out}{err}");
+    assert_eq!(files(&d.storage), before, "check-storage changed a damaged store");
+}

@@ -8,9 +8,10 @@
 //! requests that wait for it and nothing else; `/healthz` touches no state.
 //! Every error answer has the contract's shape `{"error": {"code",
 //! "message"}}`. [`events`] serves the event calls, [`webhooks`] the
-//! per-webhook ones.
+//! per-webhook ones, [`storage`] the backup.
 
 mod events;
+mod storage;
 mod webhooks;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/recover", post(webhooks::recover))
         .route("/webhooks/{id}/cancel", post(webhooks::cancel))
         .route("/webhooks/{id}/test", post(events::test_send))
+        .route("/storage/backup", post(storage::backup))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     // The body limit is fixed at start; a reload that changes it says so.
     let max_body = state.config.get().server.max_body;

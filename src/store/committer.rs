@@ -27,6 +27,7 @@ use std::sync::{mpsc, Arc};
 
 use uuid::Uuid;
 
+use super::copy::{self, Copied};
 use super::durable::{Mark, Syncer};
 use super::records::*;
 use super::{codec, keys, Pruned, StoreError};
@@ -65,6 +66,9 @@ pub enum Op {
     /// Give these deliveries their due entries if they are still unindexed;
     /// answers the entry of every one still waiting.
     Index(Vec<DeliveryKey>),
+    /// Copy the whole store, as every batch before has left it, into a new
+    /// store directory at this path: a batch of its own.
+    Backup(PathBuf),
 }
 
 impl Op {
@@ -76,6 +80,7 @@ impl Op {
             Op::Record(_) | Op::SetAside(_) => 2,
             Op::Requeue { keys, .. } | Op::Stop { keys, .. } | Op::Index(keys) => 2 * keys.len(),
             Op::Prune(seqs) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
+            Op::Backup(_) => 0,
         }
     }
 }
@@ -115,6 +120,7 @@ pub enum Reply {
     Queued(Vec<Due>),
     Count(usize),
     Pruned(Pruned),
+    Copied(Copied),
 }
 
 /// Called once the request's batch is on disk (or failed).
@@ -210,11 +216,27 @@ impl Committer {
                 .name("syncer".into())
                 .spawn_scoped(scope, move || sync_loop(db, syncer, applied))
                 .expect("spawn the syncer");
-            while let Ok(first) = rx.recv() {
+            // A backup met while gathering a batch waits for the next turn.
+            let mut held_back: Option<Request> = None;
+            while let Some(first) = held_back.take().or_else(|| rx.recv().ok()) {
+                if let Op::Backup(to) = &first.op {
+                    // Every batch before is applied (if not yet synced: the
+                    // copy syncs itself); none after is, until this returns.
+                    let copied = copy::copy(&self.db, to);
+                    if let Err(e) = &copied {
+                        tracing::error!(error = %e, to = %to.display(), "backup failed");
+                    }
+                    (first.reply)(copied.map(Reply::Copied));
+                    continue;
+                }
                 let mut writes = first.op.writes();
                 let mut requests = vec![first];
                 while writes < MAX_BATCH_WRITES {
                     match rx.try_recv() {
+                        Ok(r) if matches!(r.op, Op::Backup(_)) => {
+                            held_back = Some(r);
+                            break;
+                        }
                         Ok(r) => {
                             writes += r.op.writes();
                             requests.push(r);
@@ -429,6 +451,7 @@ impl Committer {
             }
             Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),
             Op::Index(keys) => self.index(p, keys).map(Reply::Queued),
+            Op::Backup(_) => unreachable!("the run loop takes backups aside"),
             Op::SetAside(due) => {
                 // The dispatcher's entry may be stale (gone from the index).
                 if !self.settle_unindexed(p, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
@@ -769,7 +792,7 @@ fn stop_on_storage_failure(what: &str, e: &StoreError) -> ! {
 }
 
 /// Whether `free` bytes (if known) leave the `needed` room for a write.
-fn room(free: Option<u64>, needed: u64) -> Result<(), StoreError> {
+pub(super) fn room(free: Option<u64>, needed: u64) -> Result<(), StoreError> {
     match free {
         Some(free) if free < needed => Err(StoreError::DiskFull { free, needed }),
         _ => Ok(()),
@@ -777,7 +800,7 @@ fn room(free: Option<u64>, needed: u64) -> Result<(), StoreError> {
 }
 
 /// Free bytes for unprivileged writers on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
+pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a valid C string and `st` a writable statvfs.

@@ -15,8 +15,10 @@
 //!
 //! This module knows nothing of HTTP, configuration or scheduling policy.
 
+mod check;
 mod codec;
 mod committer;
+mod copy;
 mod durable;
 mod keys;
 mod records;
@@ -33,7 +35,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+pub use check::check_storage;
 use committer::{Callback, Committer, Op, Reply, Request, UnindexedGauge};
+pub use copy::Copied;
 pub use records::*;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -54,6 +58,9 @@ pub enum StoreError {
     DiskFull { free: u64, needed: u64 },
     #[error("storage is shut down")]
     Closed,
+    /// A backup or restore target that cannot take a copy.
+    #[error("{0}")]
+    Target(String),
     #[error(
         "the storage directory {path} holds {found}, but this build reads layout {}; \
          start it with the build that wrote it, or move the directory aside",
@@ -80,6 +87,19 @@ pub struct Options {
     /// Open a store that holds less than was acknowledged (logging what is
     /// missing) instead of refusing it.
     pub accept_data_loss: bool,
+}
+
+impl StoreError {
+    /// Damage met while reading the whole of the store under `path`, as
+    /// the one line that names it; other errors as they are.
+    fn found_in(self, path: &Path) -> StoreError {
+        match self {
+            StoreError::SledCorruption(_) | StoreError::Corrupt { .. } => {
+                StoreError::Unreadable { path: path.to_owned(), detail: self.to_string() }
+            }
+            e => e,
+        }
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -182,6 +202,33 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
+/// Copies the backup at `from` into the stopped store's directory `to`,
+/// which must be absent or empty. A backup short of its own ledger, or of
+/// another layout, is refused.
+pub fn restore(from: &Path, to: &Path) -> Result<Copied, StoreError> {
+    if let Some(why) = copy::unusable_target(to) {
+        return Err(StoreError::Target(why));
+    }
+    if !from.join(durable::LEDGER).is_file() {
+        return Err(StoreError::Target(format!(
+            "{} holds no backup (it has no {})",
+            from.display(),
+            durable::LEDGER
+        )));
+    }
+    let db = open_sled(from, 64 << 20)?;
+    if let Some(loss) = durable::check(from, durable::Mark::stored(&db)?)? {
+        return Err(StoreError::Damaged { path: from.to_owned(), detail: loss.to_string() });
+    }
+    match db.get(keys::LAYOUT)? {
+        Some(v) if *v == [keys::LAYOUT_VERSION] => copy::copy(&db, to),
+        found => Err(StoreError::Layout {
+            path: from.to_owned(),
+            found: format!("layout {}", found.and_then(|v| v.first().copied()).unwrap_or(0)),
+        }),
+    }
+}
+
 /// Marks a new database with this build's layout, brings one of layout 2
 /// to 4 up to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
@@ -249,12 +296,7 @@ impl Store {
     /// Damage found on the way (sled's or a record's) refuses the start in
     /// one line that names the directory.
     pub fn open(path: &Path, options: &Options) -> Result<Store, StoreError> {
-        Self::start(path, options).map_err(|e| match e {
-            StoreError::SledCorruption(_) | StoreError::Corrupt { .. } => {
-                StoreError::Unreadable { path: path.to_owned(), detail: e.to_string() }
-            }
-            e => e,
-        })
+        Self::start(path, options).map_err(|e| e.found_in(path))
     }
 
     fn start(path: &Path, options: &Options) -> Result<Store, StoreError> {
@@ -439,6 +481,16 @@ impl Store {
     pub async fn prune(&self, seqs: Vec<u64>) -> Result<Pruned, StoreError> {
         match self.call(Op::Prune(seqs)).await? {
             Reply::Pruned(p) => Ok(p),
+            _ => unreachable!("the committer answers each op in kind"),
+        }
+    }
+
+    /// Copies the whole store, as it stands after every batch acknowledged
+    /// so far, into a new store directory at `to` (absolute; absent or
+    /// empty). Ingest waits while the copy is written.
+    pub async fn backup(&self, to: PathBuf) -> Result<Copied, StoreError> {
+        match self.call(Op::Backup(to)).await? {
+            Reply::Copied(c) => Ok(c),
             _ => unreachable!("the committer answers each op in kind"),
         }
     }
@@ -914,6 +966,54 @@ mod tests {
         assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 3);
         drop(store);
         assert_eq!(ranges(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_check_names_each_kind_of_broken_record_or_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
+        let mut due = Vec::new();
+        {
+            let store = Store::open(dir.path(), &OPTIONS).unwrap();
+            for id in 1..=3 {
+                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
+                else {
+                    panic!()
+                };
+                due.extend(d);
+            }
+            record_status(&store, due[0].key, Status::Retrying, Some(1 << 50)).await;
+            record_status(&store, due[1].key, Status::Succeeded, None).await;
+        }
+        let problems = |dir: &Path| raw(dir, |db| check::walk(db).unwrap().problems);
+        assert_eq!(problems(dir.path()), Vec::<String>::new(), "a sound store");
+        let retry = Due { at_ms: 1 << 50, key: due[0].key };
+        raw(dir.path(), |db| {
+            db.remove(keys::due(retry)).unwrap();
+            db.remove(keys::event(due[4].key.seq)).unwrap();
+            db.insert(keys::due(Due { at_ms: 5000, key: due[1].key }), &[]).unwrap();
+            db.insert(keys::due_count(5), &1u64.to_be_bytes()).unwrap();
+            db.insert(keys::delivery(DeliveryKey { seq: 2, webhook: Uuid::from_bytes([3; 16]) }), &[9])
+                .unwrap();
+            db.insert(b"X", &[]).unwrap();
+            let mut stats: WebhookStats =
+                codec::decode(b"W", &db.get(keys::stats(&webhooks[1])).unwrap().unwrap()).unwrap();
+            stats.moved(None, Some(Status::Failed));
+            db.insert(keys::stats(&webhooks[1]), codec::encode(&stats)).unwrap();
+        });
+        let found = problems(dir.path()).join("\n");
+        for expected in [
+            "waits for an attempt but is in no due index",
+            &format!("due count of second {}: 1 counted, 0 entries", retry.at_ms / 1000),
+            &format!("delivery of event {} to webhook {}: its event", due[4].key.seq, webhooks[0]),
+            &format!("delivery of event {} to webhook {}: its event", due[5].key.seq, webhooks[1]),
+            "due entry at 5000 ms",
+            "cannot be decoded",
+            "a key of no known kind",
+            &format!("webhook {}: its stats count 1 failed deliveries, 0 are stored", webhooks[1]),
+        ] {
+            assert!(found.contains(expected), "{expected:?} not in:\n{found}");
+        }
     }
 
     #[tokio::test]
