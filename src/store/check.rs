@@ -65,18 +65,19 @@ fn check_copy(path: &Path) -> Result<Report, StoreError> {
     Ok(report)
 }
 
-/// Copies the regular files of `from` and its subdirectories (sled's
-/// `blobs/`) into `to`.
+/// Copies what makes up a store in `from` into `to`: its regular files
+/// (sled's and the ledger) and sled's `blobs/`; nothing else kept beside
+/// them (a backup, say).
 fn copy_tree(from: &Path, to: &Path) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let kind = entry.file_type()?;
         let target = to.join(entry.file_name());
-        if kind.is_dir() {
+        if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        } else if kind.is_dir() && entry.file_name() == "blobs" {
             std::fs::create_dir(&target)?;
             copy_tree(&entry.path(), &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target)?;
         }
     }
     Ok(())

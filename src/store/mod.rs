@@ -68,13 +68,14 @@ pub enum StoreError {
     )]
     Layout { path: PathBuf, found: String },
     #[error(
-        "the storage directory {path} is damaged: {detail}. Nothing was changed; restore it from a \
-         backup, or start with --accept-data-loss to run on what is left"
+        "the storage directory {path} is damaged: {detail}. The daemon changed nothing (sled's recovery \
+         cut its log at the damage, as any open does); restore a backup, or start with \
+         --accept-data-loss to run on what is left"
     )]
     Damaged { path: PathBuf, detail: String },
     #[error(
-        "the storage directory {path} is damaged: sled cannot read it ({detail}). Nothing was changed; \
-         restore it from a backup, or move the directory aside to start empty"
+        "the storage directory {path} is damaged: sled cannot read it ({detail}). The daemon changed \
+         nothing; restore a backup, or move the directory aside to start empty"
     )]
     Unreadable { path: PathBuf, detail: String },
 }
