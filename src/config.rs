@@ -274,7 +274,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             path.display()
         ));
     }
+    if open_to_others(&config.storage.path) {
+        config.warnings.push(format!(
+            "the storage directory {} is open to its group or other users, and events carry personal \
+             data; chmod 700 it (the daemon makes everything in it private to its own user)",
+            config.storage.path.display()
+        ));
+    }
     Ok(config)
+}
+
+fn open_to_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
 }
 
 fn readable_by_others(path: &Path) -> bool {

@@ -179,7 +179,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if matches!(command, Command::Run { .. } | Command::Restore { .. }) {
+        // Events carry personal data: whatever the daemon or a restore
+        // creates (the storage directory, sled's files, blobs, the ledger,
+        // backups) is for the daemon's user alone.
+        // SAFETY: umask only sets the process's file-mode mask.
+        unsafe { libc::umask(0o077) };
+    }
+    match command {
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(c) => {
                 c.warnings.iter().for_each(|w| eprintln!("warning: {w}"));

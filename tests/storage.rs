@@ -299,3 +299,46 @@ fn check_storage_changes_nothing_and_names_a_broken_reference() {
     assert!(out.contains("short of what was acknowledged") || err.contains("is damaged"), "{out}{err}");
     assert_eq!(files(&d.storage), before, "check-storage changed a damaged store");
 }
+
+/// Every path under `dir` (itself included) with its permission bits.
+fn modes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut all = vec![(dir.to_owned(), std::fs::metadata(dir).unwrap().permissions().mode() & 0o777)];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all.extend(modes(&path));
+        } else {
+            all.push((path.clone(), std::fs::metadata(&path).unwrap().permissions().mode() & 0o777));
+        }
+    }
+    all
+}
+
+#[test]
+fn storage_is_private_to_the_daemons_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/w"), r#"["*"]"#)
+    );
+    let mut d = Daemon::start("", &cfg);
+    // A blob too: sled writes events over ~128 KiB to files of their own.
+    let (status, v) =
+        d.send("meeting.scheduled", CLIENT_A, &format!(r#"{{"pad":"{}"}}"#, "x".repeat(300_000)));
+    assert_eq!(status, 202, "{v}");
+    let backup = d.dir.path().join("backup");
+    assert_eq!(d.cli(&["backup", "--to", backup.to_str().unwrap()]).0, Some(0));
+    assert_eq!(d.terminate(), Some(0));
+    for dir in [&d.storage, &backup] {
+        let open: Vec<_> = modes(dir).into_iter().filter(|(_, m)| m & 0o077 != 0).collect();
+        assert!(open.is_empty(), "open to others: {open:?}");
+    }
+    assert!(d.storage.join("blobs").read_dir().unwrap().next().is_some(), "no blob was written");
+
+    // A storage directory others can read is said so at start.
+    std::fs::set_permissions(&d.storage, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.start_again();
+    assert!(d.log().contains("is open to its group or other users"), "{}", d.log());
+}
