@@ -62,6 +62,41 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+/// The webhook secret of `receive` and `verify`. On the command line it is
+/// in `ps` for every local user to see; the file or the environment
+/// variable keeps it out.
+#[derive(clap::Args)]
+struct SecretArg {
+    /// The webhook's secret (visible to other users in `ps`; prefer
+    /// --secret-file or the environment variable).
+    #[arg(
+        long,
+        env = "NEXOR_WEBHOOKD_SECRET",
+        hide_env_values = true,
+        required_unless_present = "secret_file"
+    )]
+    secret: Option<String>,
+    /// A file holding the webhook's secret (a trailing newline is ignored).
+    #[arg(long, value_name = "FILE", conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
+}
+
+impl SecretArg {
+    fn read(self) -> anyhow::Result<String> {
+        match (self.secret, self.secret_file) {
+            (_, Some(file)) => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read the secret from {}", file.display()))?;
+                let secret = text.trim_end_matches(['\n', '\r']);
+                anyhow::ensure!(!secret.is_empty(), "{} is empty", file.display());
+                Ok(secret.to_owned())
+            }
+            (Some(secret), None) => Ok(secret),
+            (None, None) => anyhow::bail!("give --secret-file, NEXOR_WEBHOOKD_SECRET or --secret"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
@@ -144,9 +179,8 @@ enum Command {
     Receive {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: std::net::SocketAddr,
-        /// The webhook's secret.
-        #[arg(long)]
-        secret: String,
+        #[command(flatten)]
+        secret: SecretArg,
         /// Largest accepted distance between X-Nexor-Timestamp and this clock.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         tolerance: Duration,
@@ -162,8 +196,8 @@ enum Command {
     },
     /// Check one delivery's signature: exit 0 when valid, 1 with the reason when not.
     Verify {
-        #[arg(long)]
-        secret: String,
+        #[command(flatten)]
+        secret: SecretArg,
         /// The X-Nexor-Timestamp header.
         #[arg(long)]
         timestamp: String,
@@ -233,11 +267,28 @@ fn main() -> ExitCode {
             }
         },
         Command::Receive { listen, secret, tolerance, verbose, status, fail_rate } => {
-            let opts = receive::Options { listen, secret, tolerance, verbose, status, fail_rate };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            report(rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(receive::run(opts))), "receive")
+            let run = || {
+                let opts = receive::Options {
+                    listen,
+                    secret: secret.read()?,
+                    tolerance,
+                    verbose,
+                    status,
+                    fail_rate,
+                };
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(receive::run(opts))
+            };
+            report(run(), "receive")
         }
         Command::Verify { secret, timestamp, signature, body, tolerance } => {
+            let secret = match secret.read() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("nexor-webhookd verify: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let bytes = match read_body(&body) {
                 Ok(b) => b,
                 Err(e) => {

@@ -173,17 +173,48 @@ fn verify_command_accepts_genuine_and_rejects_tampered() {
     let (code, text) = verify("whsec_test", sig, "5m");
     assert_eq!(code, Some(1));
     assert!(text.contains("more than the tolerance"), "{text}");
+
+    // The secret kept out of `ps`: from a file, or from the environment.
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "whsec_test\n").unwrap();
+    let hidden = |how: &dyn Fn(&mut Command) -> &mut Command| {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "verify",
+            "--timestamp",
+            "1776443400",
+            "--signature",
+            sig,
+            "--tolerance",
+            "100000d",
+            "--body",
+        ])
+        .arg(&body);
+        let out = how(&mut cmd).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    assert_eq!(hidden(&|c| c.arg("--secret-file").arg(&secret_file)), (Some(0), "valid".into()));
+    assert_eq!(hidden(&|c| c.env("NEXOR_WEBHOOKD_SECRET", "whsec_test")), (Some(0), "valid".into()));
+    assert_eq!(hidden(&|c| c.env("NEXOR_WEBHOOKD_SECRET", "whsec_other")).0, Some(1));
+    let (code, _) = hidden(&|c| c.env_remove("NEXOR_WEBHOOKD_SECRET"));
+    assert_eq!(code, Some(2), "no secret at all must be refused");
 }
 
 #[test]
 fn receive_command_verifies_deliveries_from_the_daemon() {
     let port = free_port();
     let secret = format!("whsec_{W1}");
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, &secret).unwrap();
     let mut receiver = Command::new(bin())
-        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", &secret])
+        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret-file"])
+        .arg(&secret_file)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", receiver.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&secret), "the secret is in ps");
     let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().starts_with("listening on"));
     let cfg = format!(
