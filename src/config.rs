@@ -426,13 +426,61 @@ impl Checker<'_> {
     }
 }
 
+/// Whether the value at byte `at` belongs to a key that holds a secret: a
+/// key named like one (`secret`, `previous_secrets`, `api_token`) between
+/// the start of the entry holding `at` (its line, or the line of the key a
+/// multi-line array starts on) and `at`.
+fn about_a_secret(text: &str, at: usize) -> bool {
+    let before = &text[..at.min(text.len())];
+    let entry_start = before
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .rev()
+        .find(|&i| {
+            let line = before[i..].trim_start();
+            line.starts_with(|ch: char| ch.is_ascii_alphabetic()) && line.contains('=')
+        })
+        .unwrap_or(0);
+    let entry = before[entry_start..].to_ascii_lowercase();
+    entry.contains("secret") || entry.contains("token")
+}
+
+/// A parser message with every quoted value (`"…"` or `` `…` ``) replaced:
+/// serde echoes the value it could not take, and for a secret that would put
+/// it in `check-config` output and the log of a refused reload.
+fn redact_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().expect("found");
+        out.push_str(&rest[..=open]);
+        match rest[open + 1..].find(quote) {
+            Some(close) => {
+                out.push_str("<redacted>");
+                out.push(quote);
+                rest = &rest[open + 1 + close + 1..];
+            }
+            None => {
+                out.push_str("<redacted>");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut c = Checker { text, problems: Vec::new() };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            let line = e.span().map(|s| c.line_of(s));
-            return Err(vec![Problem { line, message: e.message().trim().to_owned() }]);
+            let line = e.span().map(|s| c.line_of(s.clone()));
+            let mut message = e.message().trim().to_owned();
+            if e.span().is_some_and(|s| about_a_secret(text, s.start)) {
+                message = redact_values(&message);
+            }
+            return Err(vec![Problem { line, message }]);
         }
     };
 
@@ -903,6 +951,25 @@ events = ["meeting.scheduled"]
             let e = errors(&text);
             assert!(e[0].1.contains(" is a") || e[0].1.contains(" is an"), "{literal}: {e:?}");
         }
+    }
+
+    #[test]
+    fn parser_messages_about_secrets_do_not_echo_them() {
+        let cases = [
+            "[server]\napi_token = 12345678\n",
+            "[[webhooks]]\nid = \"x\"\nprevious_secrets = [\"whsec_leak12345678\"]\n",
+            "[[webhooks]]\nid = \"x\"\nprevious_secrets = [\n  \"whsec_leak12345678\",\n]\n",
+            "[[webhooks]]\nsecret = [\"whsec_leak12345678\"]\n",
+            "[[webhooks]]\nprevious_secrets = [{ secret = 12345678, expires = \"2026-01-01T00:00:00Z\" }]\n",
+        ];
+        for text in cases {
+            let Err(e) = parse(text, Path::new(".")) else { panic!("{text} parsed") };
+            let shown = format!("{e:?}");
+            assert!(!shown.contains("12345678"), "{text}: {shown}");
+        }
+        // Other values are still quoted, which helps find them.
+        let e = parse("[server]\nmax_body = \"big\"\n", Path::new(".")).err().unwrap();
+        assert!(format!("{e:?}").contains("big"), "{e:?}");
     }
 
     #[test]
