@@ -737,7 +737,16 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, policy: &TargetPolicy) -> Opt
             ),
         );
     }
-    Some(text.clone())
+    // Deliveries go through another parser (ureq's, the `http` crate's),
+    // which refuses some text the WHATWG parser here takes: `\` in
+    // `http://example.com\@127.0.0.1/` passed this check and then failed
+    // every attempt. What is kept, checked and dialled is the normalised
+    // form, which both parsers read alike.
+    let normalised = url.to_string();
+    if let Err(e) = normalised.parse::<ureq::http::Uri>() {
+        return c.fail(v.span(), format!("url: {text:?} is not a URL the HTTP client takes ({e})"));
+    }
+    Some(normalised)
 }
 
 fn check_events(c: &mut Checker, v: &Spanned<Vec<Spanned<String>>>) -> Option<Events> {
@@ -970,6 +979,21 @@ events = ["meeting.scheduled"]
         // Other values are still quoted, which helps find them.
         let e = parse("[server]\nmax_body = \"big\"\n", Path::new(".")).err().unwrap();
         assert!(format!("{e:?}").contains("big"), "{e:?}");
+    }
+
+    #[test]
+    fn urls_are_kept_as_the_http_client_reads_them() {
+        let url_of = |u: &str| {
+            let text = GOOD.replace("http://127.0.0.1:9000/hook", u);
+            parse(&text, Path::new(".")).map(|c| c.webhooks()[0].url.clone()).ok()
+        };
+        // A backslash (escaped once for TOML) is a path separator to the
+        // WHATWG parser: the host is example.com, and that is what the
+        // client is given, in a form its own parser takes.
+        let tricky = url_of("http://example.com\\\\@127.0.0.1/").unwrap();
+        assert_eq!(tricky, "http://example.com/@127.0.0.1/");
+        assert!(tricky.parse::<ureq::http::Uri>().is_ok());
+        assert_eq!(url_of("HTTP://Example.COM:80/a b").as_deref(), Some("http://example.com/a%20b"));
     }
 
     #[test]
