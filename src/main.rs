@@ -431,6 +431,9 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     start_watchdog();
 
+    // What the process started with: restart-only settings (the bound
+    // address among them) stay as they were, whatever later files say.
+    let started = shared.get();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -438,7 +441,7 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = hup.recv() => reload(config_path, &shared, &store, &engine.handle, &metrics).await,
+            _ = hup.recv() => reload(config_path, &shared, &started, &store, &engine.handle, &metrics).await,
         }
     }
 
@@ -473,25 +476,27 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
 async fn reload(
     path: &Path,
     shared: &config::Shared,
+    started: &config::Config,
     store: &store::Store,
     engine: &dispatch::Dispatcher,
     metrics: &metrics::Metrics,
 ) {
     let old = shared.get();
-    let new =
-        match config::load(path).map_err(|e| e.to_string()).and_then(|new| match refusal(path, &old, &new) {
+    let new = match config::load(path).map_err(|e| e.to_string()).and_then(|new| {
+        match refusal(path, &old, started, &new) {
             Some(why) => Err(why),
             None => Ok(new),
-        }) {
-            Ok(c) => c,
-            Err(e) => {
-                metrics.reload_refused();
-                tracing::error!("reload refused, the running config stays:\n{e}");
-                return;
-            }
-        };
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.reload_refused();
+            tracing::error!("reload refused, the running config stays:\n{e}");
+            return;
+        }
+    };
     new.warnings.iter().for_each(|w| tracing::warn!("{w}"));
-    let restart = old.needs_restart(&new);
+    let restart = started.needs_restart(&new);
     if !restart.is_empty() {
         tracing::warn!(
             settings = restart.join(", "),
@@ -521,9 +526,16 @@ async fn reload(
 }
 
 /// Why a file that validates must still not replace the running config: an
-/// empty file (an editor or tool caught mid-write) or one that would remove
-/// every webhook.
-fn refusal(path: &Path, old: &config::Config, new: &config::Config) -> Option<String> {
+/// empty file (an editor or tool caught mid-write), one that would remove
+/// every webhook, or one without an API token while the socket the daemon
+/// started on is off loopback (the file's own `listen` takes a restart, so
+/// validating the token against it would open the API).
+fn refusal(
+    path: &Path,
+    old: &config::Config,
+    started: &config::Config,
+    new: &config::Config,
+) -> Option<String> {
     let empty = std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
     if empty {
         return Some(format!("{} is empty (caught while being written?)", path.display()));
@@ -534,6 +546,14 @@ fn refusal(path: &Path, old: &config::Config, new: &config::Config) -> Option<St
              to stop every webhook, disable them one by one",
             path.display(),
             old.webhooks().len()
+        ));
+    }
+    let bound = started.server.listen;
+    if new.server.api_token.is_none() && !bound.ip().is_loopback() {
+        return Some(format!(
+            "{} has no api_token, but the daemon listens on {bound}, which is not a loopback address: \
+             the API would be open to the network",
+            path.display()
         ));
     }
     None

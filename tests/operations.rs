@@ -99,6 +99,9 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
     d.write_config(&back);
     d.signal(libc::SIGHUP);
     d.wait_log("config reloaded", 3);
+    // Its listen is the one the daemon runs on again: nothing waits for a
+    // restart (compared with what runs, not with the last file).
+    assert_eq!(d.log().matches("take effect only after a restart").count(), 1, "{}", d.log());
     let ev = d.wait_settled(&first, &["succeeded"], SETTLE);
     assert_eq!(delivery_to(&ev, W2)["attempts"].as_array().unwrap().len(), 3, "{ev}");
     assert_eq!(rx.hits_on("/ok/w2-back").len(), 1);
@@ -441,4 +444,51 @@ fn cli_sends_shows_status_and_redelivers() {
     assert_eq!(rx.hits_on("/flaky/1/cli")[1].json()["data"]["meeting_id"], "m-7");
     let status = cli(&["status"]);
     assert!(status.contains(" ok "), "{status}");
+}
+
+#[test]
+fn a_reload_cannot_open_an_api_bound_off_loopback() {
+    let rx = Receiver::start();
+    let hooks = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
+    );
+    let mut d = Daemon::configured(None, "api_token = \"t0ken-off-loopback\"", &hooks);
+    let edit = |d: &Daemon, from: &str, to: &str| {
+        let text = std::fs::read_to_string(d.config_path()).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(d.config_path(), text.replace(from, to)).unwrap();
+    };
+    edit(&d, "listen = \"127.0.0.1:", "listen = \"0.0.0.0:");
+    d.start_again();
+    let event =
+        br#"{"event_type":"meeting.scheduled","client_id":"6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10","data":{}}"#;
+    let shut = |d: &Daemon| {
+        assert_eq!(d.get("/v1/webhooks").0, 401);
+        assert_eq!(d.request("POST", "/v1/events", None, Some(event)).0, 401);
+    };
+    shut(&d);
+
+    // The token gone, listen back on loopback in the file: the socket is
+    // still on every address, so the file is refused. So is an empty one.
+    d.write_config(&hooks.replace("[delivery]", "[delivery]\ntimeout = \"3s\""));
+    edit(&d, "api_token = \"t0ken-off-loopback\"", "");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload refused", 1);
+    assert!(d.log().contains("the API would be open"), "{}", d.log());
+    shut(&d);
+    std::fs::write(d.config_path(), "").unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload refused", 2);
+    shut(&d);
+
+    // A new token is taken, and only it opens the API.
+    d.write_config(&hooks);
+    edit(&d, "[server]\n", "[server]\napi_token = \"t0ken-rotated\"\n");
+    edit(&d, "api_token = \"t0ken-off-loopback\"", "");
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1);
+    shut(&d);
+    assert_eq!(d.request("GET", "/v1/webhooks", Some("t0ken-off-loopback"), None).0, 401);
+    assert_eq!(d.request("GET", "/v1/webhooks", Some("t0ken-rotated"), None).0, 200);
 }
