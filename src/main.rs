@@ -429,7 +429,7 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
         "nexor-webhookd ready"
     );
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    start_watchdog();
+    start_watchdog(store.clone());
 
     // What the process started with: restart-only settings (the bound
     // address among them) stay as they were, whatever later files say.
@@ -590,13 +590,37 @@ async fn release_held(
 }
 
 /// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.
-fn start_watchdog() {
+/// Pings the systemd watchdog at half its interval while the store gets
+/// through its work. A store stuck with writes waiting (a flush that hangs
+/// without an error: nothing is acknowledged, yet the process looks alive)
+/// stops the pings once it has been stuck for the whole interval, and
+/// systemd restarts the daemon on what is on disk.
+fn start_watchdog(store: store::Store) {
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
+        let stuck_after = Duration::from_micros(usec);
         tokio::spawn(async move {
+            let mut last = store.progress();
+            let mut moved = std::time::Instant::now();
+            let mut said = false;
             loop {
-                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                let now = store.progress();
+                if now.waiting == 0 || now.done != last.done {
+                    moved = std::time::Instant::now();
+                    said = false;
+                }
+                last = now;
+                if moved.elapsed() < stuck_after {
+                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                } else if !said {
+                    tracing::error!(
+                        waiting = now.waiting,
+                        "storage has finished nothing for {stuck_after:?} with writes waiting; \
+                         no longer telling systemd the daemon is alive, so that it restarts it"
+                    );
+                    said = true;
+                }
                 tokio::time::sleep(every).await;
             }
         });

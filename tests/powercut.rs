@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use lazyfs::LazyFs;
 
+const W1: &str = "11111111-1111-4111-8111-111111111111";
+
 fn sync_dir(path: &Path) {
     File::open(path).unwrap().sync_all().unwrap();
 }
@@ -416,4 +418,52 @@ fn every_acknowledged_event_survives_power_cuts() {
         worst_restart.as_millis(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A disk that stops answering without an error: nothing is acknowledged
+/// meanwhile, and the daemon stops telling systemd's watchdog it is alive,
+/// so that systemd restarts it; once the disk answers, both come back.
+#[test]
+fn a_store_that_stops_answering_stops_the_watchdog() {
+    let fs = LazyFs::mount();
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
+    );
+    let mut d = Daemon::configured(Some(&fs.path().join("data")), "", &cfg);
+    let socket_path = d.dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let pinged = || {
+        let mut buf = [0; 256];
+        let mut any = false;
+        while let Ok(n) = socket.recv(&mut buf) {
+            any |= String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "WATCHDOG=1");
+        }
+        any
+    };
+    d.env = vec![
+        ("NOTIFY_SOCKET".into(), socket_path.to_str().unwrap().into()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    d.start_again();
+    wait_for("watchdog pings", Duration::from_secs(10), pinged);
+
+    let held = fs.hold_syncs();
+    std::thread::scope(|s| {
+        let sent = s.spawn(|| d.send("meeting.scheduled", CLIENT_A, "{}").0);
+        d.wait_log("storage has finished nothing", 1);
+        pinged();
+        // Two and a half watchdog intervals without a ping.
+        let quiet_until = Instant::now() + Duration::from_millis(1000);
+        while Instant::now() < quiet_until {
+            assert!(!pinged(), "pinged the watchdog with a write stuck:\n{}", d.log());
+        }
+        assert!(!sent.is_finished(), "a write was answered while the disk did not answer");
+        assert!(held.resume() > 0, "no sync was held");
+        assert_eq!(sent.join().unwrap(), 202);
+    });
+    wait_for("watchdog pings again", Duration::from_secs(10), pinged);
+    assert_eq!(d.terminate(), Some(0));
 }

@@ -153,6 +153,7 @@ pub struct Committer {
     /// Batches applied so far and the last event seq, written as `C` with
     /// each batch (see `durable`).
     pub mark: Mark,
+    pub liveness: Arc<super::Liveness>,
 }
 
 /// What readers may know of the unindexed deliveries: they are due, but
@@ -222,7 +223,7 @@ impl Committer {
                 if let Op::Backup(to) = &first.op {
                     // Every batch before is applied (if not yet synced: the
                     // copy syncs itself); none after is, until this returns.
-                    let copied = copy::copy(&self.db, to);
+                    let copied = copy::copy(&self.db, to, &self.liveness.copied);
                     if let Err(e) = &copied {
                         tracing::error!(error = %e, to = %to.display(), "backup failed");
                     }

@@ -9,6 +9,7 @@
 //! durable, so an interrupted copy never looks like a store.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::committer::{free_bytes, room};
 use super::{durable, StoreError};
@@ -49,8 +50,9 @@ pub fn unusable_target(to: &Path) -> Option<String> {
 }
 
 /// Copies every key of `from` into a new store at `to` (absent, or an empty
-/// directory), with a ledger saying it holds what it holds.
-pub fn copy(from: &sled::Db, to: &Path) -> Result<Copied, StoreError> {
+/// directory), with a ledger saying it holds what it holds; counts each
+/// batch of keys in `progress`.
+pub fn copy(from: &sled::Db, to: &Path, progress: &AtomicU64) -> Result<Copied, StoreError> {
     if let Some(why) = unusable_target(to) {
         return Err(StoreError::Target(why));
     }
@@ -71,6 +73,7 @@ pub fn copy(from: &sled::Db, to: &Path) -> Result<Copied, StoreError> {
         if in_batch == KEYS_PER_BATCH {
             db.apply_batch(std::mem::take(&mut batch))?;
             in_batch = 0;
+            progress.fetch_add(1, Ordering::Relaxed);
         }
     }
     db.apply_batch(batch)?;

@@ -26,7 +26,7 @@ mod records;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -132,6 +132,7 @@ struct Inner {
     committer: Option<thread::JoinHandle<()>>,
     /// Deliveries without a due entry yet (see `committer`), kept by it.
     unindexed: Arc<UnindexedGauge>,
+    liveness: Arc<Liveness>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
 }
@@ -146,6 +147,27 @@ impl Drop for Inner {
             let _ = c.join();
         }
     }
+}
+
+/// Counts that show whether the store gets through its work: a sled flush
+/// that hangs without an error (a disk that stops answering) leaves a
+/// process that looks alive and acknowledges nothing, which only these
+/// show (see [`Store::progress`]).
+#[derive(Default)]
+pub(crate) struct Liveness {
+    asked: AtomicU64,
+    answered: AtomicU64,
+    /// Batches of keys a backup has copied: progress that answers nobody.
+    pub(crate) copied: AtomicU64,
+}
+
+/// A reading of [`Liveness`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Requests handed to the committer and not answered yet.
+    pub waiting: u64,
+    /// Requests answered, and backup batches copied, so far.
+    pub done: u64,
 }
 
 /// How long a dropped store waits for sled to let go of its lock.
@@ -222,7 +244,7 @@ pub fn restore(from: &Path, to: &Path) -> Result<Copied, StoreError> {
         return Err(StoreError::Damaged { path: from.to_owned(), detail: loss.to_string() });
     }
     match db.get(keys::LAYOUT)? {
-        Some(v) if *v == [keys::LAYOUT_VERSION] => copy::copy(&db, to),
+        Some(v) if *v == [keys::LAYOUT_VERSION] => copy::copy(&db, to, &AtomicU64::new(0)),
         found => Err(StoreError::Layout {
             path: from.to_owned(),
             found: format!("layout {}", found.and_then(|v| v.first().copied()).unwrap_or(0)),
@@ -322,6 +344,7 @@ impl Store {
         };
         let (requests, rx) = mpsc::channel();
         let unindexed = Arc::new(UnindexedGauge::default());
+        let liveness = Arc::new(Liveness::default());
         let mut committer = Committer {
             db: db.clone(),
             last_seq,
@@ -333,6 +356,7 @@ impl Store {
             ranges: Default::default(),
             gauge: unindexed.clone(),
             mark: durable::Mark { commits: stored.commits, last_seq },
+            liveness: liveness.clone(),
         };
         // Before anything reads the due index, it must hold every delivery
         // waiting for an attempt.
@@ -352,6 +376,7 @@ impl Store {
             requests: Some(requests),
             committer: Some(committer),
             unindexed,
+            liveness,
             _unlocked: unlocked,
         };
         Ok(Store { inner: Arc::new(inner) })
@@ -359,6 +384,12 @@ impl Store {
 
     /// Hands `op` to the committer; `reply` is always called, exactly once.
     fn send(&self, op: Op, reply: Callback) {
+        let live = self.inner.liveness.clone();
+        live.asked.fetch_add(1, Ordering::Relaxed);
+        let reply: Callback = Box::new(move |r| {
+            live.answered.fetch_add(1, Ordering::Relaxed);
+            reply(r)
+        });
         let request = Request { op, reply };
         let unsent = match &self.inner.requests {
             Some(requests) => requests.send(request).err().map(|e| e.0),
@@ -537,6 +568,20 @@ impl Store {
 
     fn new_reader(&self) -> Reader {
         Reader { db: self.inner.db.clone(), unindexed: self.inner.unindexed.clone() }
+    }
+
+    /// How far the store has got with what it was asked (for the systemd
+    /// watchdog: writes waiting while `done` stands still mean it is stuck).
+    pub fn progress(&self) -> Progress {
+        let live = &self.inner.liveness;
+        // `answered` first: read the other way, a request asked and answered
+        // between the two loads would count as waiting.
+        let answered = live.answered.load(Ordering::Relaxed);
+        let asked = live.asked.load(Ordering::Relaxed);
+        Progress {
+            waiting: asked.saturating_sub(answered),
+            done: answered + live.copied.load(Ordering::Relaxed),
+        }
     }
 
     /// Flushes and syncs everything written so far (for a clean stop).

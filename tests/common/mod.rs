@@ -200,6 +200,8 @@ pub struct Daemon {
     pub storage: PathBuf,
     /// Extra arguments after `run --config FILE`.
     pub run_args: Vec<String>,
+    /// Extra environment variables for the daemon.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -235,6 +237,7 @@ impl Daemon {
             server_extra: server_extra.to_owned(),
             storage,
             run_args: Vec::new(),
+            env: Vec::new(),
             child: None,
             agent,
         };
@@ -288,11 +291,22 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(bin())
+        // systemd's watchdog variables name the daemon's own pid, known only
+        // once it runs: a shell sets WATCHDOG_PID to its pid and execs the
+        // daemon in its place.
+        let mut command = if self.env.iter().any(|(k, _)| k == "WATCHDOG_USEC") {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", bin()]);
+            sh
+        } else {
+            Command::new(bin())
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.config_path())
             .args(&self.run_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

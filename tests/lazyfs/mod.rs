@@ -193,6 +193,9 @@ pub struct State {
     /// fsync/fdatasync calls on files, and fsync calls on directories.
     pub file_syncs: u64,
     pub dir_syncs: u64,
+    /// While set, syncs wait here unanswered, as on a disk that stops
+    /// answering: the inode, whether it is a directory, and the reply.
+    held: Option<Vec<(u64, bool, ReplyEmpty)>>,
 }
 
 impl Default for State {
@@ -210,6 +213,7 @@ impl Default for State {
             next_fh: 1,
             file_syncs: 0,
             dir_syncs: 0,
+            held: None,
         }
     }
 }
@@ -739,7 +743,11 @@ impl fuser::Filesystem for Ops {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.state().sync_file(ino.0) {
+        let mut s = self.state();
+        if let Some(held) = &mut s.held {
+            return held.push((ino.0, false, reply));
+        }
+        match s.sync_file(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -774,7 +782,11 @@ impl fuser::Filesystem for Ops {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.state().sync_dir(ino.0) {
+        let mut s = self.state();
+        if let Some(held) = &mut s.held {
+            return held.push((ino.0, true, reply));
+        }
+        match s.sync_dir(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -844,6 +856,22 @@ pub fn require_fuse() {
     }
 }
 
+/// Syncs held by [`LazyFs::hold_syncs`], answered when this goes.
+pub struct HeldSyncs<'a>(&'a LazyFs);
+
+impl HeldSyncs<'_> {
+    /// Answers the held syncs now; how many there were.
+    pub fn resume(&self) -> usize {
+        self.0.resume_syncs()
+    }
+}
+
+impl Drop for HeldSyncs<'_> {
+    fn drop(&mut self) {
+        self.0.resume_syncs();
+    }
+}
+
 /// A mounted LazyFS on a fresh temporary directory.
 pub struct LazyFs {
     state: Arc<Mutex<State>>,
@@ -870,6 +898,30 @@ impl LazyFs {
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on every sync waits, unanswered, until [`HeldSyncs::resume`]
+    /// or the guard is dropped: a disk that stops answering without an
+    /// error. Drop the guard before the daemon: a process cannot finish
+    /// exiting while one of its syncs waits.
+    pub fn hold_syncs(&self) -> HeldSyncs<'_> {
+        self.state().held.get_or_insert_with(Vec::new);
+        HeldSyncs(self)
+    }
+
+    /// Carries out and answers the held syncs; later ones run at once again.
+    /// Returns how many were held.
+    fn resume_syncs(&self) -> usize {
+        let mut s = self.state();
+        let held = s.held.take().unwrap_or_default();
+        let n = held.len();
+        for (ino, dir, reply) in held {
+            match if dir { s.sync_dir(ino) } else { s.sync_file(ino) } {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        }
+        n
     }
 
     /// Drops everything that was not made durable. Nothing may have a file
