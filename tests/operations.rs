@@ -492,3 +492,42 @@ fn a_reload_cannot_open_an_api_bound_off_loopback() {
     assert_eq!(d.request("GET", "/v1/webhooks", Some("t0ken-off-loopback"), None).0, 401);
     assert_eq!(d.request("GET", "/v1/webhooks", Some("t0ken-rotated"), None).0, 200);
 }
+
+/// `/metrics` says it is OpenMetrics, and a strict OpenMetrics parser (the
+/// Python client's, from Debian's python3-prometheus-client) takes it.
+#[test]
+fn metrics_are_openmetrics_by_type_and_by_a_strict_parser() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/code/500/w2"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "retrying"], SETTLE);
+    let mut resp = common::agent(SETTLE).get(format!("{}/metrics", d.base)).call().unwrap();
+    let kind = resp.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+    assert_eq!(kind, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    let text = resp.body_mut().read_to_string().unwrap();
+    let script =
+        "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+                  n = sum(1 for _ in p(sys.stdin.read()))\nprint(n)\n";
+    let mut python = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (CI installs python3-prometheus-client)");
+    use std::io::Write;
+    python.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = python.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused it: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.parse::<u32>().unwrap() >= 10, "{said} families:\n{text}");
+}

@@ -182,7 +182,10 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         })
         .await?;
     let body = state.metrics.render(snapshot);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+    // prometheus-client renders OpenMetrics text (`# EOF`, `_total` and
+    // `# UNIT` rules), which the 0.0.4 text type does not announce.
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+        .into_response())
 }
 
 fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
