@@ -5,9 +5,20 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::config::Config;
+
+/// `POST /v1/events` with `data` as given.
+#[derive(serde::Serialize)]
+struct Ingest<'a> {
+    event_type: &'a str,
+    client_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    data: &'a RawValue,
+}
 
 pub struct Client {
     base: String,
@@ -39,7 +50,7 @@ impl Client {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match (method, body) {
@@ -55,7 +66,7 @@ impl Client {
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
-                r.send(body.map(|b| b.to_string()).unwrap_or_default().as_bytes())
+                r.send(body.unwrap_or_default().as_bytes())
             }
         };
         let mut resp = result.with_context(|| format!("cannot reach the daemon at {}", self.base))?;
@@ -82,12 +93,11 @@ impl Client {
             Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
             None => data.to_owned(),
         };
-        let data: Value = serde_json::from_str(&data_text).context("--data is not JSON")?;
-        let mut body = json!({ "event_type": event_type, "client_id": client_id, "data": data });
-        if let Some(id) = event_id {
-            body["event_id"] = json!(id);
-        }
-        let answer = self.call("POST", "/v1/events", Some(&body))?;
+        // The data goes out byte for byte as given (key order, escapes,
+        // number forms), as the application's own request would carry it.
+        let data = RawValue::from_string(data_text.trim().to_owned()).context("--data is not JSON")?;
+        let body = Ingest { event_type, client_id, event_id, data: &data };
+        let answer = self.call("POST", "/v1/events", Some(serde_json::to_string(&body)?))?;
         println!("{answer}");
         Ok(())
     }
@@ -96,7 +106,7 @@ impl Client {
     pub fn status(&self) -> anyhow::Result<()> {
         let answer = self.call("GET", "/v1/webhooks", None)?;
         println!(
-            "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  last failure",
+            "{:<36}  {:<13}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  last failure",
             "webhook",
             "state",
             "pending",
@@ -114,14 +124,14 @@ impl Client {
             let state = match (w["enabled"].as_bool(), failures) {
                 (Some(false), _) => "disabled".to_owned(),
                 (_, 0) => "ok".to_owned(),
-                (_, f) => format!("failing{f}"),
+                (_, f) => format!("failing ({f})"),
             };
             let last_failure = match (h["last_failure_at"].as_str(), h["last_failure"].as_str()) {
                 (Some(at), reason) => format!("{at} {}", reason.unwrap_or("")),
                 _ => "-".to_owned(),
             };
             println!(
-                "{:<36}  {:<8}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  {}",
+                "{:<36}  {:<13}  {:>7} {:>8} {:>9} {:>6} {:>9} {:>6}  {:<24}  {}",
                 w["id"].as_str().unwrap_or("?"),
                 state,
                 n("pending"),

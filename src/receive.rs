@@ -73,7 +73,9 @@ async fn handle(
         ),
         Ok(()) => {
             let status = StatusCode::from_u16(r.opts.status).unwrap_or(StatusCode::OK);
-            (status, "ok\n", format!("verified, answered {}", status.as_u16()))
+            // `--status 503` is a failure on purpose: the body says so too.
+            let reply = if status.is_success() { "ok\n" } else { "failing on purpose\n" };
+            (status, reply, format!("verified, answered {}", status.as_u16()))
         }
     };
     let mut out = std::io::stdout().lock();
@@ -89,9 +91,7 @@ async fn handle(
         outcome
     );
     if r.opts.verbose {
-        let pretty = serde_json::to_string_pretty(&envelope)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        let _ = writeln!(out, "{pretty}");
+        let _ = writeln!(out, "{}", pretty_as_sent(&body));
     }
     let _ = out.flush();
     (status, reply)
@@ -110,5 +110,35 @@ impl Receiver {
         self.rng.store(x, Ordering::Relaxed);
         let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
         unit < self.opts.fail_rate
+    }
+}
+
+/// The body as pretty JSON with its keys in the order they were sent (a
+/// `serde_json::Value` would sort them), streamed from parser to printer;
+/// the raw text if it is not JSON.
+fn pretty_as_sent(body: &[u8]) -> String {
+    let mut out = Vec::new();
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let mut writer = serde_json::Serializer::pretty(&mut out);
+    match serde_transcode::transcode(&mut reader, &mut writer) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verbose_output_keeps_the_order_keys_were_sent_in() {
+        let body =
+            br#"{"event_type":"meeting.scheduled","event_id":"e","data":{"z":1,"a":[2,{"y":3,"b":4}]}}"#;
+        let pretty = super::pretty_as_sent(body);
+        let order: Vec<usize> = ["event_type", "event_id", "data", "\"z\"", "\"a\"", "\"y\"", "\"b\""]
+            .iter()
+            .map(|k| pretty.find(k).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{pretty}");
+        assert!(pretty.contains("\n  \"event_id\": \"e\""), "{pretty}");
+        assert_eq!(super::pretty_as_sent(b"not json"), "not json");
     }
 }

@@ -424,7 +424,9 @@ fn cli_sends_shows_status_and_redelivers() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let data = d.dir.path().join("data.json");
-    std::fs::write(&data, r#"{"meeting_id": "m-7"}"#).unwrap();
+    // Sent as written: key order, spacing, escapes and number forms.
+    let raw = r#"{"z": 1.50, "meeting_id": "m-\u0037"}"#;
+    std::fs::write(&data, format!("{raw}\n")).unwrap();
     let sent = cli(&[
         "send",
         "meeting.scheduled",
@@ -438,10 +440,12 @@ fn cli_sends_shows_status_and_redelivers() {
     let get_event = || d.request("GET", &format!("/v1/events/{id}"), Some("cli-token"), None).1;
     wait_for("the attempt to fail", SETTLE, || get_event()["deliveries"][0]["status"] == "failed");
     let status = cli(&["status"]);
-    assert!(status.contains(W1) && status.contains("failing1"), "{status}");
+    assert!(status.contains(W1) && status.contains("failing (1)"), "{status}");
     cli(&["redeliver", &id]);
     wait_for("the redelivery to succeed", SETTLE, || get_event()["deliveries"][0]["status"] == "succeeded");
-    assert_eq!(rx.hits_on("/flaky/1/cli")[1].json()["data"]["meeting_id"], "m-7");
+    let hit = &rx.hits_on("/flaky/1/cli")[1];
+    assert_eq!(hit.json()["data"]["meeting_id"], "m-7");
+    assert!(String::from_utf8_lossy(&hit.body).contains(&format!(r#""data":{raw}"#)), "{:?}", hit.body);
     let status = cli(&["status"]);
     assert!(status.contains(" ok "), "{status}");
 }
