@@ -6,6 +6,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::IpNet;
+
 /// Why `ip` is not a public unicast address, or `None` when it is.
 pub fn blocked_reason(ip: IpAddr) -> Option<&'static str> {
     match ip {
@@ -58,63 +60,23 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
-/// An address range in CIDR form, for `[delivery] allowed_cidrs`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    len: u8,
+/// Parses an address range like `10.1.0.0/16` or `fd00::/8`, for
+/// `[delivery] allowed_cidrs`. Host bits must be zero: `10.1.0.1/16` is
+/// refused rather than silently read as `10.1.0.0/16`.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let net: IpNet =
+        text.parse().map_err(|_| format!("{text:?} is not an address range like \"10.1.0.0/16\""))?;
+    if net.trunc() != net {
+        return Err(format!("{text:?} has host bits set; did you mean \"{}\"?", net.trunc()));
+    }
+    Ok(net)
 }
 
-impl Cidr {
-    /// Parses `10.1.0.0/16` or `fd00::/8`; host bits must be zero.
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let (addr, len) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not in CIDR form like \"10.1.0.0/16\""))?;
-        let net: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("prefix length must be 0 to {max}"))?;
-        let cidr = Cidr { net, len };
-        if cidr.masked(net) != Some(bits(net)) {
-            return Err(format!("{text:?} has host bits set"));
-        }
-        Ok(cidr)
-    }
-
-    /// `ip` with the host bits cleared, if it is of this range's family.
-    fn masked(&self, ip: IpAddr) -> Option<u128> {
-        let (width, value) = match (self.net, ip) {
-            (IpAddr::V4(_), IpAddr::V4(v)) => (32, u32::from(v) as u128),
-            (IpAddr::V6(_), IpAddr::V6(v)) => (128, u128::from(v)),
-            _ => return None,
-        };
-        let host_bits = width - self.len as u32;
-        Some(if host_bits >= 128 { 0 } else { value >> host_bits << host_bits })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.masked(ip) == Some(bits(self.net))
-    }
-}
-
-fn bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v) => u32::from(v) as u128,
-        IpAddr::V6(v) => u128::from(v),
-    }
-}
-
-/// Why a connection to `ip` is refused under this policy, if it is.
-pub fn refused(ip: IpAddr, allow_private: bool, allowed: &[Cidr]) -> Option<&'static str> {
-    if allow_private || allowed.iter().any(|c| c.contains(ip)) {
+/// Why a connection to `ip` is refused under this policy, if it is. An
+/// IPv4-mapped address is in an IPv4 range it is the mapping of.
+pub fn refused(ip: IpAddr, allow_private: bool, allowed: &[IpNet]) -> Option<&'static str> {
+    let v4 = ip.to_canonical();
+    if allow_private || allowed.iter().any(|net| net.contains(&ip) || net.contains(&v4)) {
         return None;
     }
     blocked_reason(ip)
@@ -126,6 +88,10 @@ mod tests {
 
     fn r(s: &str) -> Option<&'static str> {
         blocked_reason(s.parse().unwrap())
+    }
+
+    fn net(s: &str) -> IpNet {
+        parse_cidr(s).unwrap()
     }
 
     #[test]
@@ -158,22 +124,32 @@ mod tests {
     }
 
     #[test]
+    fn cidrs_must_be_ranges_without_host_bits() {
+        assert_eq!(net("10.1.0.0/16").to_string(), "10.1.0.0/16");
+        assert_eq!(net("fd00::/8").to_string(), "fd00::/8");
+        let e = parse_cidr("10.1.0.1/16").unwrap_err();
+        assert!(e.contains("host bits set; did you mean \"10.1.0.0/16\"?"), "{e}");
+        assert!(parse_cidr("fd00::1/8").unwrap_err().contains("host bits"));
+        for bad in ["10.1.0.0", "10.1.0.0/33", "fd00::/129", "10.1.0.0/", "example.com/8", ""] {
+            let e = parse_cidr(bad).unwrap_err();
+            assert!(e.contains("is not an address range like \"10.1.0.0/16\""), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn allowed_cidrs_open_exactly_their_range() {
-        let c = Cidr::parse("10.1.0.0/16").unwrap();
-        assert!(c.contains("10.1.200.3".parse().unwrap()));
-        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()));
-        assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        assert!(!c.contains("fd00::1".parse().unwrap()));
-        let v6 = Cidr::parse("fd00::/8").unwrap();
-        assert!(v6.contains("fd12::1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("127.0.0.1".parse().unwrap()));
-        assert!(Cidr::parse("10.1.0.1/16").is_err(), "host bits");
-        assert!(Cidr::parse("10.1.0.0").is_err());
-        assert!(Cidr::parse("10.1.0.0/33").is_err());
-        let allowed = [c];
-        assert_eq!(refused("10.1.2.3".parse().unwrap(), false, &allowed), None);
-        assert_eq!(refused("10.9.2.3".parse().unwrap(), false, &allowed), Some("a private address"));
-        assert_eq!(refused("10.9.2.3".parse().unwrap(), true, &[]), None);
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let allowed = [net("10.1.0.0/16"), net("fd00::/8")];
+        assert_eq!(refused(ip("10.1.200.3"), false, &allowed), None);
+        assert_eq!(refused(ip("::ffff:10.1.0.9"), false, &allowed), None, "mapped into an IPv4 range");
+        assert_eq!(refused(ip("fd12::1"), false, &allowed), None);
+        assert_eq!(refused(ip("10.2.0.1"), false, &allowed), Some("a private address"));
+        assert_eq!(refused(ip("fe80::1"), false, &allowed), Some("a link-local address"));
+        assert_eq!(refused(ip("::ffff:10.1.0.9"), false, &[net("::ffff:0:0/96")]), None, "an IPv6 range");
+        assert_eq!(refused(ip("127.0.0.1"), false, &[net("0.0.0.0/0")]), None);
+        assert_eq!(refused(ip("10.9.2.3"), false, &[]), Some("a private address"));
+        assert_eq!(refused(ip("10.9.2.3"), true, &[]), None);
+        assert_eq!(refused(ip("8.8.8.8"), false, &[]), None);
     }
 
     #[test]
