@@ -13,12 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 use uuid::Uuid;
 
 use crate::event::EventType;
-use crate::target::{self, Cidr};
+use crate::target;
 use crate::{clock, sign};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
@@ -78,7 +79,7 @@ pub struct Delivery {
     pub retry_schedule: Vec<Duration>,
     pub allow_private_targets: bool,
     /// Non-public ranges webhooks may reach even when private targets are not allowed.
-    pub allowed_cidrs: Vec<Cidr>,
+    pub allowed_cidrs: Vec<IpNet>,
     /// Refuse plain `http://` webhook URLs.
     pub https_only: bool,
     pub workers: usize,
@@ -552,12 +553,12 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     };
     let allow_private_targets = raw.delivery.allow_private_targets.unwrap_or(false);
     let https_only = raw.delivery.https_only.unwrap_or(false);
-    let allowed_cidrs: Vec<Cidr> = raw
+    let allowed_cidrs: Vec<IpNet> = raw
         .delivery
         .allowed_cidrs
         .iter()
         .flatten()
-        .filter_map(|v| match Cidr::parse(v.get_ref()) {
+        .filter_map(|v| match target::parse_cidr(v.get_ref()) {
             Ok(cidr) => Some(cidr),
             Err(e) => c.fail(v.span(), format!("allowed_cidrs: {e}")),
         })
@@ -683,7 +684,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 /// What webhook URLs may point at.
 struct TargetPolicy<'a> {
     allow_private: bool,
-    allowed: &'a [Cidr],
+    allowed: &'a [IpNet],
     https_only: bool,
 }
 

@@ -17,12 +17,13 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{Connector, NextTimeout, RustlsConnector};
 
 use crate::config::Delivery;
-use crate::target::{self, Cidr};
+use crate::target;
 use crate::tcp::Dialer;
 
 /// Bytes of a response body read (and so the most a receiver can make us read).
@@ -288,7 +289,7 @@ pub const RESOLVED_FOR: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct GuardedResolver<R = DefaultResolver> {
     allow_private: bool,
-    allowed: Vec<Cidr>,
+    allowed: Vec<IpNet>,
     inner: R,
     keep_for: Duration,
     /// By `scheme://authority`: when resolved, and the addresses.

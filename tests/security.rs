@@ -242,3 +242,30 @@ fn allowed_cidrs_open_a_range_without_allowing_all_private_targets() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("::1 is a loopback address"));
 }
+
+#[test]
+fn check_config_refuses_every_target_that_is_not_global_unicast() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // Documentation (RFC 9637), unallocated, SRv6 SIDs, and the SIIT
+    // (::ffff:0:0:0/96) forms of 127.0.0.1 and 169.254.169.254: none of them
+    // is globally routable unicast, yet a deny-list let them all through.
+    for (host, why) in [
+        ("[3fff::1]", "3fff::1 is a documentation address"),
+        ("[4000::1]", "4000::1 is an unallocated address (outside 2000::/3)"),
+        ("[5f00::1]", "5f00::1 is an SRv6 segment identifier"),
+        ("[::ffff:0:7f00:1]", "::ffff:0:7f00:1 is a loopback address"),
+        ("[::ffff:0:a9fe:a9fe]", "::ffff:0:a9fe:a9fe is a link-local address"),
+    ] {
+        let url = format!("http://{host}/x");
+        std::fs::write(
+            &path,
+            format!("[storage]\npath = \"d\"\n\n{}", webhook(W1, CLIENT_A, &url, r#"["*"]"#)),
+        )
+        .unwrap();
+        let out = Command::new(bin()).args(["check-config", "--config"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url} was accepted");
+        assert!(stderr.contains(why), "{url}: {stderr}");
+    }
+}
