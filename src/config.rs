@@ -259,6 +259,9 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What marks the example config's secret as a placeholder.
+const PLACEHOLDER_SECRET: &str = "change_me";
+
 /// Reads and validates the file at `path`. A relative `[storage] path` is
 /// taken relative to the directory holding the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -432,17 +435,19 @@ impl Checker<'_> {
 /// the start of the entry holding `at` (its line, or the line of the key a
 /// multi-line array starts on) and `at`.
 fn about_a_secret(text: &str, at: usize) -> bool {
-    let before = &text[..at.min(text.len())];
-    let entry_start = before
-        .match_indices('\n')
-        .map(|(i, _)| i + 1)
-        .rev()
-        .find(|&i| {
-            let line = before[i..].trim_start();
+    let at = at.min(text.len());
+    let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1));
+    let entry_start = line_starts
+        .take_while(|&i| i <= at)
+        .filter(|&i| {
+            let line = text[i..].lines().next().unwrap_or("").trim_start();
             line.starts_with(|ch: char| ch.is_ascii_alphabetic()) && line.contains('=')
         })
+        .last()
         .unwrap_or(0);
-    let entry = before[entry_start..].to_ascii_lowercase();
+    // The entry's own key, and whatever lies between it and the value.
+    let key_end = text[entry_start..].find('=').map_or(at, |i| entry_start + i);
+    let entry = text[entry_start..at.max(key_end)].to_ascii_lowercase();
     entry.contains("secret") || entry.contains("token")
 }
 
@@ -492,6 +497,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         }),
     };
     let mut inline_secrets = raw.server.api_token.is_some();
+    let mut placeholders = false;
     let api_token = match (&raw.server.api_token, &raw.server.api_token_file) {
         (Some(_), Some(f)) => c.fail(f.span(), "set api_token or api_token_file, not both"),
         (Some(v), None) if v.get_ref().is_empty() => {
@@ -593,7 +599,12 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         }
         let client_id = c.uuid(&w.client_id, "client_id");
         let url = check_url(&mut c, &w.url, &policy);
-        inline_secrets |= w.secret.is_some() || !w.previous_secrets.is_empty();
+        // The example's placeholder is published in the README: no secret
+        // to keep from other users (a checkout makes the file 0644), but no
+        // secret to serve the network with either.
+        let placeholder = w.secret.as_ref().is_some_and(|s| s.get_ref().contains(PLACEHOLDER_SECRET));
+        inline_secrets |= (w.secret.is_some() && !placeholder) || !w.previous_secrets.is_empty();
+        placeholders |= placeholder;
         let secret = webhook_secret(&mut c, w, base);
         let previous_secrets: Vec<(Secret, i64)> = w
             .previous_secrets
@@ -673,7 +684,13 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             retry_jitter: retry_jitter.unwrap(),
             max_retry_after: max_retry_after.unwrap(),
         },
-        warnings: Vec::new(),
+        warnings: match listen {
+            Some(addr) if placeholders && !addr.ip().is_loopback() => vec![format!(
+                "a webhook still has the example's secret ({PLACEHOLDER_SECRET}), published in the README, \
+                 while the API listens on {addr}; give it a secret of its own"
+            )],
+            _ => Vec::new(),
+        },
         webhooks,
         inline_secrets,
         by_id,
@@ -977,9 +994,14 @@ events = ["meeting.scheduled"]
             let shown = format!("{e:?}");
             assert!(!shown.contains("12345678"), "{text}: {shown}");
         }
-        // Other values are still quoted, which helps find them.
+        // Other values are still quoted, which helps find them, even right
+        // after a secret.
         let e = parse("[server]\nmax_body = \"big\"\n", Path::new(".")).err().unwrap();
         assert!(format!("{e:?}").contains("big"), "{e:?}");
+        let e = parse("[server]\napi_token = \"t\"\nlisten = \"a\"\nlisten = \"b\"\n", Path::new("."))
+            .err()
+            .unwrap();
+        assert!(format!("{e:?}").contains("`listen`"), "{e:?}");
     }
 
     #[test]
@@ -1018,6 +1040,23 @@ events = ["meeting.scheduled"]
         assert!(load(&path).unwrap().warnings[0].contains("readable by other users"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(load(&path).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn the_example_config_starts_without_a_warning_but_not_off_loopback() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let example = include_str!("../config.example.toml");
+        std::fs::write(&path, example).unwrap();
+        // As a checkout leaves it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load(&path).unwrap().warnings, Vec::<String>::new());
+        let open =
+            example.replace("listen = \"127.0.0.1:8088\"", "listen = \"0.0.0.0:8088\"\napi_token = \"t\"");
+        std::fs::write(&path, open).unwrap();
+        let warnings = load(&path).unwrap().warnings;
+        assert!(warnings.iter().any(|w| w.contains("example's secret")), "{warnings:?}");
     }
 
     proptest::proptest! {
