@@ -78,7 +78,9 @@ pub fn copy(from: &sled::Db, to: &Path, progress: &AtomicU64) -> Result<Copied, 
     }
     db.apply_batch(batch)?;
     let mark = durable::Mark::stored(&db)?;
-    durable::Syncer::new(scratch.path(), mark)?.sync(&db, mark)?;
+    let mut syncer = durable::Syncer::new(scratch.path(), mark)?;
+    syncer.sync(&db, mark)?;
+    syncer.finish()?;
     drop(db);
     // Over an empty directory, rename replaces it.
     std::fs::rename(scratch.path(), to)?;
