@@ -311,7 +311,6 @@ fn read_secret_file(c: &mut Checker, v: &Spanned<String>, base: &Path, key: &str
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -324,7 +323,6 @@ struct RawConfig {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
     api_token: Option<Spanned<String>>,
@@ -335,7 +333,6 @@ struct RawServer {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<Spanned<String>>,
     cache_capacity: Option<Spanned<u64>>,
@@ -344,7 +341,6 @@ struct RawStorage {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawDelivery {
     timeout: Option<Spanned<String>>,
     retry_schedule: Option<Vec<Spanned<String>>>,
@@ -358,7 +354,6 @@ struct RawDelivery {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawWebhook {
     id: Spanned<String>,
     client_id: Spanned<String>,
@@ -376,7 +371,6 @@ struct RawWebhook {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPrevious {
     secret: Spanned<String>,
     expires: Spanned<String>,
@@ -451,6 +445,28 @@ fn about_a_secret(text: &str, at: usize) -> bool {
     entry.contains("secret") || entry.contains("token")
 }
 
+/// The line of `key` in the table at `table` (serde_ignored's path, like
+/// `storage` or `webhooks.2`): the first line after the table's header that
+/// sets it.
+fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut parts = table.split('.');
+    let name = parts.next().unwrap_or("");
+    let index: usize = parts.next().and_then(|i| i.parse().ok()).unwrap_or(0);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = |l: &str| {
+        let l = l.trim();
+        l == format!("[{name}]") || l == format!("[[{name}]]")
+    };
+    let start = match name {
+        "" => 0,
+        _ => lines.iter().enumerate().filter(|(_, l)| header(l)).nth(index).map(|(i, _)| i + 1)?,
+    };
+    lines[start..]
+        .iter()
+        .position(|l| l.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')))
+        .map(|i| start + i + 1)
+}
+
 /// A parser message with every quoted value (`"…"` or `` `…` ``) replaced:
 /// serde echoes the value it could not take, and for a secret that would put
 /// it in `check-config` output and the log of a refused reload.
@@ -478,7 +494,18 @@ fn redact_values(message: &str) -> String {
 
 fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut c = Checker { text, problems: Vec::new() };
-    let raw: RawConfig = match toml::from_str(text) {
+    // Unknown keys are collected, not fatal, so that one run names them
+    // all along with every other problem.
+    let mut unknown = Vec::new();
+    let parsed: Result<RawConfig, toml::de::Error> =
+        serde_ignored::deserialize(toml::Deserializer::new(text), |path| unknown.push(path.to_string()));
+    for path in &unknown {
+        let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
+        let line = line_of_key(text, table, key);
+        let place = if table.is_empty() { String::new() } else { format!(" in {table}") };
+        c.problems.push(Problem { line, message: format!("unknown field `{key}`{place}") });
+    }
+    let raw = match parsed {
         Ok(raw) => raw,
         Err(e) => {
             let line = e.span().map(|s| c.line_of(s.clone()));
@@ -486,7 +513,8 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             if e.span().is_some_and(|s| about_a_secret(text, s.start)) {
                 message = redact_values(&message);
             }
-            return Err(vec![Problem { line, message }]);
+            c.problems.push(Problem { line, message });
+            return Err(c.problems);
         }
     };
 
@@ -857,6 +885,21 @@ events = ["meeting.scheduled"]
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].0, Some(10));
         assert!(e[0].1.contains("unknown field `retries`"), "{}", e[0].1);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_every_other_problem() {
+        let text = GOOD
+            .replace("timeout = \"5s\"", "timeout = \"5s\"\nretries = 3")
+            .replace("\"meeting.scheduled\"]", "\"meeting.eaten\"]")
+            .replace("[server]", "colour = 1\n[server]\nflavour = 2");
+        let e = errors(&text);
+        let said: Vec<&str> = e.iter().map(|(_, m)| m.as_str()).collect();
+        assert!(said.iter().any(|m| m.contains("unknown field `retries` in delivery")), "{said:?}");
+        assert!(said.iter().any(|m| m.contains("unknown field `flavour` in server")), "{said:?}");
+        assert!(said.iter().any(|m| m.contains("unknown field `colour`")), "{said:?}");
+        assert!(said.iter().any(|m| m.contains("meeting.eaten")), "{said:?}");
+        assert!(e.iter().all(|(line, _)| line.is_some()), "{e:?}");
     }
 
     #[test]
