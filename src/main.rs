@@ -201,9 +201,15 @@ enum Command {
         /// The X-Nexor-Timestamp header.
         #[arg(long)]
         timestamp: String,
-        /// The X-Nexor-Signature header (one or more comma-separated v1= entries).
+        /// The X-Nexor-Signature header (one or more comma-separated v1=
+        /// entries), or with --msg-id the webhook-signature header (one or
+        /// more space-separated v1, entries).
         #[arg(long)]
         signature: String,
+        /// Check a Standard Webhooks signature: the message id (the
+        /// webhook-id header); --timestamp is then webhook-timestamp.
+        #[arg(long, value_name = "ID")]
+        msg_id: Option<String>,
         /// The raw request body: a file, or - for standard input.
         #[arg(long, default_value = "-")]
         body: String,
@@ -281,7 +287,7 @@ fn main() -> ExitCode {
             };
             report(run(), "receive")
         }
-        Command::Verify { secret, timestamp, signature, body, tolerance } => {
+        Command::Verify { secret, timestamp, signature, msg_id, body, tolerance } => {
             let secret = match secret.read() {
                 Ok(s) => s,
                 Err(e) => {
@@ -296,7 +302,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match sign::verify(&secret, &signature, &timestamp, &bytes, tolerance, clock::now_ms() / 1000) {
+            let now = clock::now_ms() / 1000;
+            let verdict = match &msg_id {
+                Some(id) => {
+                    sign::verify_standard(&secret, id, &signature, &timestamp, &bytes, tolerance, now)
+                }
+                None => sign::verify(&secret, &signature, &timestamp, &bytes, tolerance, now),
+            };
+            match verdict {
                 Ok(()) => {
                     println!("valid");
                     ExitCode::SUCCESS

@@ -61,6 +61,12 @@ pub enum VerifyError {
     Stale(i64),
     #[error("no v1= signature in the header")]
     NoSignature,
+    #[error("a Standard Webhooks signature (v1,…) is checked with the message id (the webhook-id header)")]
+    StandardWithoutId,
+    #[error("no v1, signature in the header")]
+    NoStandardSignature,
+    #[error("the secret is not whsec_ followed by base64, which Standard Webhooks signatures are keyed by")]
+    NotStandardSecret,
     #[error("no signature matches the secret")]
     NoMatch,
 }
@@ -76,20 +82,63 @@ pub fn verify(
     tolerance: Duration,
     now_secs: i64,
 ) -> Result<(), VerifyError> {
-    let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp(timestamp.to_owned()))?;
-    let skew = now_secs - ts;
-    if skew.unsigned_abs() > tolerance.as_secs() {
-        return Err(VerifyError::Stale(skew));
-    }
+    let ts = fresh(timestamp, tolerance, now_secs)?;
     let candidates: Vec<Vec<u8>> = header
         .split(',')
         .filter_map(|part| part.trim().strip_prefix("v1="))
         .filter_map(|hex_sig| hex::decode(hex_sig).ok())
         .collect();
     if candidates.is_empty() {
-        return Err(VerifyError::NoSignature);
+        return Err(if header.trim_start().starts_with("v1,") {
+            VerifyError::StandardWithoutId
+        } else {
+            VerifyError::NoSignature
+        });
     }
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(ts.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let matches = candidates.iter().any(|c| mac.clone().verify_slice(c).is_ok());
+    matches.then_some(()).ok_or(VerifyError::NoMatch)
+}
+
+/// The timestamp, if it is unix seconds within `tolerance` of `now_secs`.
+fn fresh(timestamp: &str, tolerance: Duration, now_secs: i64) -> Result<i64, VerifyError> {
+    let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp(timestamp.to_owned()))?;
+    let skew = now_secs - ts;
+    if skew.unsigned_abs() > tolerance.as_secs() {
+        return Err(VerifyError::Stale(skew));
+    }
+    Ok(ts)
+}
+
+/// Checks a Standard Webhooks `webhook-signature` header: the timestamp
+/// (`webhook-timestamp`) within `tolerance`, and any one space-separated
+/// `v1,<base64>` entry equal (in constant time) to the HMAC of
+/// `"<msg_id>.<timestamp>.<body>"` keyed by the `whsec_` secret's bytes.
+pub fn verify_standard(
+    secret: &str,
+    msg_id: &str,
+    header: &str,
+    timestamp: &str,
+    body: &[u8],
+    tolerance: Duration,
+    now_secs: i64,
+) -> Result<(), VerifyError> {
+    let ts = fresh(timestamp, tolerance, now_secs)?;
+    let key = standard_key(secret).ok_or(VerifyError::NotStandardSecret)?;
+    let candidates: Vec<Vec<u8>> = header
+        .split_whitespace()
+        .filter_map(|part| part.strip_prefix("v1,"))
+        .filter_map(|b64| BASE64.decode(b64).ok())
+        .collect();
+    if candidates.is_empty() {
+        return Err(VerifyError::NoStandardSignature);
+    }
+    let mut mac = HmacSha256::new_from_slice(&key).expect("any key length");
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
     mac.update(ts.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -137,6 +186,36 @@ mod tests {
         assert_eq!(verify("new", &h, "1000", b"{}", tol, 1301), Err(VerifyError::Stale(301)));
         assert_eq!(verify("new", "v2=abc", "1000", b"{}", tol, 1000), Err(VerifyError::NoSignature));
         assert!(matches!(verify("new", &h, "soon", b"{}", tol, 1000), Err(VerifyError::BadTimestamp(_))));
+        assert_eq!(verify("new", "v1,abc=", "1000", b"{}", tol, 1000), Err(VerifyError::StandardWithoutId));
+    }
+
+    #[test]
+    fn verify_standard_accepts_what_standard_signature_makes() {
+        let tol = Duration::from_secs(300);
+        let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+        let sig = standard_signature(&standard_key(secret).unwrap(), "msg_1", 1000, b"{}");
+        let two = format!("v1,{} {sig}", BASE64.encode([0u8; 32]));
+        assert_eq!(verify_standard(secret, "msg_1", &two, "1000", b"{}", tol, 1100), Ok(()));
+        assert_eq!(
+            verify_standard(secret, "msg_2", &sig, "1000", b"{}", tol, 1000),
+            Err(VerifyError::NoMatch)
+        );
+        assert_eq!(
+            verify_standard(secret, "msg_1", &sig, "1000", b"{ }", tol, 1000),
+            Err(VerifyError::NoMatch)
+        );
+        assert_eq!(
+            verify_standard(secret, "msg_1", &sig, "1000", b"{}", tol, 1301),
+            Err(VerifyError::Stale(301))
+        );
+        assert_eq!(
+            verify_standard("plain", "msg_1", &sig, "1000", b"{}", tol, 1000),
+            Err(VerifyError::NotStandardSecret)
+        );
+        assert_eq!(
+            verify_standard(secret, "msg_1", "v1=abc", "1000", b"{}", tol, 1000),
+            Err(VerifyError::NoStandardSignature)
+        );
     }
 
     /// The published Standard Webhooks test vector.

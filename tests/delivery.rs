@@ -264,4 +264,23 @@ fn standard_webhooks_headers_verify_and_keep_their_id_across_retries() {
         message.extend_from_slice(&hit.body);
         assert_eq!(hit.header("x-nexor-signature"), format!("v1={}", hmac_hex(secret, &message)));
     }
+
+    // `verify --msg-id` checks the Standard Webhooks headers of a real delivery.
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    std::fs::write(&body, &hits[0].body).unwrap();
+    let verify = |msg_id: &str| {
+        let out = std::process::Command::new(bin())
+            .args(["verify", "--secret", secret, "--msg-id", msg_id, "--timestamp"])
+            .arg(hits[0].header("webhook-timestamp"))
+            .arg("--signature")
+            .arg(hits[0].header("webhook-signature"))
+            .arg("--body")
+            .arg(&body)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    assert_eq!(verify(id), (Some(0), "valid".into()));
+    assert_eq!(verify("another-id"), (Some(1), "invalid: no signature matches the secret".into()));
 }
