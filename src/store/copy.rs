@@ -78,9 +78,7 @@ pub fn copy(from: &sled::Db, to: &Path, progress: &AtomicU64) -> Result<Copied, 
     }
     db.apply_batch(batch)?;
     let mark = durable::Mark::stored(&db)?;
-    let mut syncer = durable::Syncer::new(scratch.path(), mark)?;
-    syncer.sync(&db, mark)?;
-    syncer.finish()?;
+    durable::Syncer::new(scratch.path(), mark)?.sync(&db, mark)?;
     drop(db);
     // Over an empty directory, rename replaces it.
     std::fs::rename(scratch.path(), to)?;

@@ -12,9 +12,8 @@
 //! sled's recovery cuts its log at the first damaged record and says
 //! nothing, and an emptied `db` opens as a new database. So the syncer also
 //! keeps a ledger, the file `acknowledged`, rewritten and synced after each
-//! sync by a thread of its own (off the acknowledgement's path, so it may
-//! lag by the write in flight, never run ahead): the number of batches the
-//! store had committed and the last event sequence number at that point. Every batch also stores that count in
+//! sync: the number of batches the store had committed and the last event
+//! sequence number at that point. Every batch also stores that count in
 //! sled (`C`), so at open a store that holds fewer batches than the ledger
 //! says were acknowledged is damaged, and is refused rather than served
 //! short ([`check`]).
@@ -25,7 +24,6 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -159,11 +157,11 @@ pub fn check(dir: &Path, found: Mark) -> Result<Option<Loss>, StoreError> {
         .map(|acknowledged| Loss { found, acknowledged }))
 }
 
-/// Syncs sled's files after its flush, then has the ledger written.
+/// Syncs sled's files after its flush, then writes the ledger.
 pub struct Syncer {
     dir: PathBuf,
     db_file: File,
-    ledger: LedgerWriter,
+    ledger: File,
     /// Each directory's files (other than `db` and the ledger, synced
     /// every time) with the length they had when last synced.
     synced: HashMap<PathBuf, HashMap<OsString, u64>>,
@@ -190,7 +188,6 @@ impl Syncer {
             sync_dir(dir)?;
         }
         let ledger = OpenOptions::new().write(true).open(&path).map_err(|e| io("open the ledger", e))?;
-        let ledger = LedgerWriter::start(ledger)?;
         // The directory and its parents may just have been made: each one's
         // entry must be durable too.
         for ancestor in dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
@@ -204,9 +201,8 @@ impl Syncer {
         Ok(self.db_file.try_clone()?)
     }
 
-    /// Flushes sled and makes everything it wrote durable, then hands
-    /// `mark` (which that flush covers) to the ledger's writer. Fails with
-    /// an earlier ledger write's error, too.
+    /// Flushes sled and makes everything it wrote durable, then records
+    /// `mark` (which that flush covers) in the ledger.
     pub fn sync(&mut self, db: &sled::Db, mark: Mark) -> Result<(), StoreError> {
         db.flush()?;
         let blobs = self.dir.join("blobs");
@@ -214,7 +210,9 @@ impl Syncer {
             self.sync_files(dir)?;
         }
         self.db_file.sync_data()?;
-        self.ledger.publish(Acknowledged { mark, at_ms: clock::now_ms() })?;
+        let ack = Acknowledged { mark, at_ms: clock::now_ms() };
+        self.ledger.write_all_at(&encode_ledger(&ack), 0)?;
+        self.ledger.sync_data()?;
         Ok(())
     }
 
@@ -262,95 +260,6 @@ impl Syncer {
             sync_dir(dir)?;
         }
         Ok(())
-    }
-}
-
-/// Writes the ledger on a thread of its own, so that an acknowledgement
-/// waits for the data's sync only, not for a second one of the ledger's:
-/// that second `fdatasync` in every batch cost ~13% of the throughput
-/// (BENCHMARKS.md, session 6). The ledger may lag what is acknowledged by
-/// the write in flight; it never runs ahead of what is on disk, which is
-/// all the damage check needs. Dropped (the store closing), it writes the
-/// last mark before it returns.
-struct LedgerWriter {
-    slot: Arc<(Mutex<Slot>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct Slot {
-    /// The newest mark not yet written; older ones are skipped.
-    next: Option<Acknowledged>,
-    closing: bool,
-    failed: Option<StoreError>,
-}
-
-impl LedgerWriter {
-    fn start(file: File) -> Result<LedgerWriter, StoreError> {
-        let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
-        let shared = slot.clone();
-        let thread = std::thread::Builder::new().name("ledger".into()).spawn(move || {
-            let (lock, wake) = &*shared;
-            loop {
-                let ack = {
-                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while s.next.is_none() && !s.closing {
-                        s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
-                    }
-                    match s.next.take() {
-                        Some(ack) => ack,
-                        None => return,
-                    }
-                };
-                if let Err(e) = file.write_all_at(&encode_ledger(&ack), 0).and_then(|()| file.sync_data()) {
-                    tracing::error!(error = %e, "cannot write the ledger");
-                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    s.failed =
-                        Some(StoreError::Unavailable(format!("cannot write the ledger {LEDGER}: {e}")));
-                    return;
-                }
-            }
-        })?;
-        Ok(LedgerWriter { slot, thread: Some(thread) })
-    }
-
-    fn publish(&self, ack: Acknowledged) -> Result<(), StoreError> {
-        let (lock, wake) = &*self.slot;
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = &s.failed {
-            return Err(e.clone());
-        }
-        s.next = Some(ack);
-        wake.notify_one();
-        Ok(())
-    }
-
-    /// Writes what is left and stops the thread; a write's error, if any.
-    fn finish(&mut self) -> Result<(), StoreError> {
-        let (lock, wake) = &*self.slot;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
-        wake.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        match lock.lock().unwrap_or_else(|e| e.into_inner()).failed.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for LedgerWriter {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
-}
-
-impl Syncer {
-    /// Waits until the ledger holds the last mark synced (a copy's ledger
-    /// must be whole before the copy is renamed into place).
-    pub fn finish(mut self) -> Result<(), StoreError> {
-        self.ledger.finish()
     }
 }
 
