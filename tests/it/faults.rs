@@ -1,12 +1,10 @@
 //! Faults real installs meet: each kind of failing receiver, Retry-After,
 //! one hanging endpoint among healthy ones, a full disk.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(20);

@@ -2,11 +2,9 @@
 //! emptied sled log, a missing one, a segment of zeros. The daemon keeps a
 //! ledger of what it acknowledged and compares it with what sled recovers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 const EVENTS: usize = 300;

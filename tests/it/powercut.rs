@@ -8,9 +8,6 @@
 //! `POWERCUT_SEED` repeats a run's choices (sizes, moments, reloads; thread
 //! timing still varies), `POWERCUT_MAX_BODY` caps the event bodies.
 
-mod common;
-mod lazyfs;
-
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -19,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
-use lazyfs::LazyFs;
+use crate::common::*;
+use crate::lazyfs::LazyFs;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 

@@ -1,14 +1,12 @@
 //! At-least-once across `kill -9`: every acknowledged event reaches every
 //! matching webhook, even when the process dies mid-ingest and mid-retry.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 const W2: &str = "22222222-2222-4222-8222-222222222222";

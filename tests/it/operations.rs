@@ -1,13 +1,11 @@
 //! Running it: live reload, graceful stop, metrics, the delivery log,
 //! redelivery and recovery, retention, and the CLI client.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
@@ -510,7 +508,7 @@ fn metrics_are_openmetrics_by_type_and_by_a_strict_parser() {
     let d = Daemon::start("", &cfg);
     let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
     d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "retrying"], SETTLE);
-    let mut resp = common::agent(SETTLE).get(format!("{}/metrics", d.base)).call().unwrap();
+    let mut resp = agent(SETTLE).get(format!("{}/metrics", d.base)).call().unwrap();
     let kind = resp.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
     assert_eq!(kind, "application/openmetrics-text; version=1.0.0; charset=utf-8");
     let text = resp.body_mut().read_to_string().unwrap();

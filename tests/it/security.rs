@@ -1,15 +1,13 @@
 //! Safe by default: blocked targets, hostile receivers, the API token, secret
 //! handling and rotation.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;

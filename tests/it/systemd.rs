@@ -1,8 +1,6 @@
 //! The shipped systemd unit passes `systemd-analyze verify` (with its paths
 //! pointed at this build, since verify checks that the binaries exist).
 
-mod common;
-
 use std::process::Command;
 
 #[test]
@@ -18,7 +16,7 @@ fn unit_file_passes_systemd_analyze_verify() {
     assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nexor-webhookd.service");
-    std::fs::write(&path, unit.replace("/usr/bin/nexor-webhookd", common::bin())).unwrap();
+    std::fs::write(&path, unit.replace("/usr/bin/nexor-webhookd", crate::common::bin())).unwrap();
     let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Without a running systemd (containers, CI) verify may still warn about

@@ -1,12 +1,10 @@
 //! Delivery end to end: fan-out, envelope, headers, signature, retries,
 //! failure reasons, the test endpoint.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;

@@ -1,12 +1,10 @@
 //! The ingest API: validation, error bodies, idempotency, auth, limits; and
 //! the command line's config checking.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";

@@ -2,14 +2,12 @@
 //! delivery; the `verify` command; and the `receive` command as a webhook
 //! target of the real daemon.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 const SETTLE: Duration = Duration::from_secs(15);
