@@ -126,6 +126,11 @@ const IN_FLIGHT_PER_WORKER: usize = 4;
 /// Idle keep-alive connections each worker keeps.
 const POOL_PER_WORKER: usize = 8;
 
+/// Descriptors one worker may hold at once: its pool's idle connections,
+/// the one an attempt opens, and one a DNS lookup opens meanwhile. The API's
+/// connection cap keeps this much per worker free (`server`).
+pub const FDS_PER_WORKER: u64 = POOL_PER_WORKER as u64 + 2;
+
 pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
     let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
