@@ -299,12 +299,14 @@ fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_timeout
     let idle_from = std::time::Instant::now();
     assert!(c.closed_within(Duration::from_secs(5)), "an idle connection stayed open");
     let idle = idle_from.elapsed();
-    assert!(idle >= Duration::from_millis(900), "closed after {idle:?} idle, before idle_timeout");
+    // Measured from when the answer was read, a little after the daemon's
+    // clock started: well past header_timeout is what counts.
+    assert!(idle >= Duration::from_millis(600), "closed after {idle:?} idle, before idle_timeout");
 }
 
 #[test]
 fn at_max_connections_a_new_client_waits_in_the_backlog_and_is_answered_once_idle_ones_are_closed() {
-    let mut d = Daemon::start("max_connections = 20\nidle_timeout = \"2s\"\nheader_timeout = \"2s\"", "");
+    let mut d = Daemon::start("max_connections = 20\nidle_timeout = \"3s\"\nheader_timeout = \"3s\"", "");
     d.forget_connections();
     let mut held: Vec<Conn> = (0..20)
         .map(|i| {
