@@ -36,6 +36,8 @@ const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
 const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A validated configuration.
 #[derive(Debug)]
@@ -61,6 +63,14 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// The log filter when `RUST_LOG` is not set.
     pub log_level: String,
+    /// A request head must arrive whole within this of a connection opening,
+    /// or of its first byte on a kept-alive connection.
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request under way is closed after this.
+    pub idle_timeout: Duration,
+    /// Most API connections open at once; `None`: derived at start from the
+    /// open-files limit (see `server`).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -179,6 +189,7 @@ impl Config {
         check(self.server.listen != new.server.listen, "[server] listen");
         check(self.server.max_body != new.server.max_body, "[server] max_body");
         check(self.server.log_level != new.server.log_level, "[server] log_level");
+        check(self.server.max_connections != new.server.max_connections, "[server] max_connections");
         check(self.storage.path != new.storage.path, "[storage] path");
         check(self.storage.cache_capacity != new.storage.cache_capacity, "[storage] cache_capacity");
         check(self.delivery.workers != new.delivery.workers, "[delivery] workers");
@@ -330,6 +341,9 @@ struct RawServer {
     max_body: Option<Spanned<u64>>,
     shutdown_grace: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -567,6 +581,18 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         None => Some(DEFAULT_GRACE),
         Some(v) => c.duration(v, "shutdown_grace"),
     };
+    let header_timeout = match &raw.server.header_timeout {
+        None => Some(DEFAULT_HEADER_TIMEOUT),
+        Some(v) => c.duration(v, "header_timeout"),
+    };
+    let idle_timeout = match &raw.server.idle_timeout {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(v) => c.duration(v, "idle_timeout"),
+    };
+    let max_connections = match &raw.server.max_connections {
+        None => Some(None),
+        Some(v) => c.positive(v, "max_connections").map(|n| Some(n as usize)),
+    };
     let log_level = match &raw.server.log_level {
         None => Some("info".to_owned()),
         Some(v) => match tracing_subscriber::EnvFilter::try_new(v.get_ref()) {
@@ -694,6 +720,9 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             max_body: max_body.unwrap() as usize,
             shutdown_grace: shutdown_grace.unwrap(),
             log_level: log_level.unwrap(),
+            header_timeout: header_timeout.unwrap(),
+            idle_timeout: idle_timeout.unwrap(),
+            max_connections: max_connections.unwrap(),
         },
         storage: Storage {
             path: storage_path.unwrap(),
@@ -876,6 +905,30 @@ events = ["meeting.scheduled"]
         assert_eq!(c.delivery.timeout, Duration::from_secs(10));
         assert!(!c.delivery.allow_private_targets);
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, None, "derived from the open-files limit at start");
+    }
+
+    #[test]
+    fn connection_limits_parse_and_are_checked() {
+        let with = |lines: &str| GOOD.replace("[server]\n", &format!("[server]\n{lines}\n"));
+        let c = parse(
+            &with("header_timeout = \"300ms\"\nidle_timeout = \"2m\"\nmax_connections = 20"),
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_millis(300));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.server.max_connections, Some(20));
+        let e = errors(&with("header_timeout = \"0s\"\nidle_timeout = \"soon\"\nmax_connections = 0"));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].1.contains("header_timeout must be longer than zero"), "{e:?}");
+        assert!(e[1].1.contains("idle_timeout: \"soon\" is not a duration"), "{e:?}");
+        assert!(e[2].1.contains("max_connections must be at least 1"), "{e:?}");
+        let old = parse(GOOD, Path::new("/")).unwrap();
+        let new = parse(&with("max_connections = 20\nidle_timeout = \"5s\""), Path::new("/")).unwrap();
+        assert_eq!(old.needs_restart(&new), vec!["[server] max_connections"]);
     }
 
     #[test]

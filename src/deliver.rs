@@ -41,7 +41,19 @@ pub enum Class {
     Timeout,
     Connect,
     Blocked,
+    /// This machine ran short of descriptors, socket buffers or memory
+    /// before the request could go out: not the receiver's doing.
+    ShortOfResources,
     Other,
+}
+
+/// Whether `e` says this machine ran short of a resource: descriptors
+/// (EMFILE for the process, ENFILE for the system), socket buffers
+/// (ENOBUFS) or memory (ENOMEM). Such an error passes once resources free
+/// up, and says nothing about the other end.
+pub fn short_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+        || e.kind() == std::io::ErrorKind::OutOfMemory
 }
 
 #[derive(Debug)]
@@ -67,6 +79,7 @@ impl Answer {
             (Class::Timeout, _) => "timeout",
             (Class::Connect, _) => "connect",
             (Class::Blocked, _) => "blocked",
+            (Class::ShortOfResources, _) => "local",
             _ => "other",
         }
     }
@@ -167,6 +180,9 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
     let timed_out = || (Class::Timeout, format!("timed out after {}", humantime::format_duration(timeout)));
     match e {
         ureq::Error::Timeout(_) => timed_out(),
+        ureq::Error::Io(io) if short_of_resources(io) => {
+            (Class::ShortOfResources, format!("short of local resources: {io}"))
+        }
         ureq::Error::Io(io) => match io.kind() {
             ErrorKind::PermissionDenied if io.to_string().starts_with("blocked:") => {
                 (Class::Blocked, io.to_string())
@@ -261,6 +277,50 @@ mod tests {
     }
 
     #[test]
+    fn a_local_shortage_is_told_apart_from_the_receivers_failures() {
+        let timeout = Duration::from_secs(1);
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = ureq::Error::Io(std::io::Error::from_raw_os_error(errno));
+            let (class, reason) = explain(&e, timeout);
+            assert_eq!(class, Class::ShortOfResources, "{errno}: {reason}");
+            assert!(reason.starts_with("short of local resources: "), "{reason}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::EHOSTUNREACH, libc::EACCES] {
+            let e = ureq::Error::Io(std::io::Error::from_raw_os_error(errno));
+            assert_ne!(explain(&e, timeout).0, Class::ShortOfResources, "{errno}");
+        }
+        assert_ne!(explain(&ureq::Error::HostNotFound, timeout).0, Class::ShortOfResources);
+
+        // The resolver keeps a shortage as it is; other lookup failures
+        // become "host not found".
+        #[derive(Debug)]
+        struct Failing(i32);
+        impl Resolver for Failing {
+            fn resolve(
+                &self,
+                _: &Uri,
+                _: &ureq::config::Config,
+                _: NextTimeout,
+            ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+                Err(ureq::Error::Io(std::io::Error::from_raw_os_error(self.0)))
+            }
+        }
+        let resolver = |errno| GuardedResolver {
+            allow_private: false,
+            allowed: Vec::new(),
+            inner: Failing(errno),
+            keep_for: RESOLVED_FOR,
+            resolved: Mutex::default(),
+        };
+        let config = ureq::Agent::config_builder().build();
+        let uri: Uri = "https://hooks.example/".parse().unwrap();
+        let e = resolver(libc::EMFILE).resolve(&uri, &config, NextTimeout::default()).unwrap_err();
+        assert_eq!(explain(&e, timeout).0, Class::ShortOfResources, "{e}");
+        let e = resolver(libc::EINVAL).resolve(&uri, &config, NextTimeout::default()).unwrap_err();
+        assert!(matches!(e, ureq::Error::HostNotFound), "{e}");
+    }
+
+    #[test]
     fn retry_after_takes_seconds_or_an_http_date() {
         let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
         assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
@@ -310,8 +370,11 @@ impl<R: Resolver> Resolver for GuardedResolver<R> {
                 return Ok(addrs.clone());
             }
         }
-        // A failed lookup is an io::Error carrying getaddrinfo's wording; say it plainly.
+        // A failed lookup is an io::Error carrying getaddrinfo's wording; say
+        // it plainly, unless it is this machine that ran short (getaddrinfo's
+        // EAI_SYSTEM with EMFILE, say), which is no fault of the host.
         let addrs = self.inner.resolve(uri, config, timeout).map_err(|e| match e {
+            ureq::Error::Io(io) if short_of_resources(&io) => ureq::Error::Io(io),
             ureq::Error::Io(_) => ureq::Error::HostNotFound,
             e => e,
         })?;

@@ -32,7 +32,7 @@ use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
-use crate::schedule::{self, Policy, Queue, Refill};
+use crate::schedule::{self, Ended, Policy, Queue, Refill};
 use crate::sign;
 use crate::store::{Attempt, DeliveryKey, Due, EventRecord, Outcome, Reader, Status, Store, StoreError};
 
@@ -125,6 +125,11 @@ const IN_FLIGHT_PER_WORKER: usize = 4;
 
 /// Idle keep-alive connections each worker keeps.
 const POOL_PER_WORKER: usize = 8;
+
+/// Descriptors one worker may hold at once: its pool's idle connections,
+/// the one an attempt opens, and one a DNS lookup opens meanwhile. The API's
+/// connection cap keeps this much per worker free (`server`).
+pub const FDS_PER_WORKER: u64 = POOL_PER_WORKER as u64 + 2;
 
 pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
     let n = config.get().delivery.workers;
@@ -387,10 +392,10 @@ impl Worker {
         (config, self.sender.as_ref().expect("just set").1.clone())
     }
 
-    /// The event of a due delivery and the attempts made in its current
-    /// round, or `None` if it is not to be attempted now (the dispatcher has
-    /// been told).
-    fn load(&mut self, due: Due) -> Option<(Arc<EventRecord>, usize)> {
+    /// The event of a due delivery, its status and the attempts made in its
+    /// current round, or `None` if it is not to be attempted now (the
+    /// dispatcher has been told).
+    fn load(&mut self, due: Due) -> Option<(Arc<EventRecord>, Status, usize)> {
         let key = due.key;
         let (event, delivery) = match (self.reader.event(key.seq), self.reader.delivery(key)) {
             (Ok(Some(e)), Ok(Some(d))) => (e, d),
@@ -420,7 +425,7 @@ impl Worker {
             let _ = self.done.send(Msg::Finished(key, stored_next));
             return None;
         }
-        Some((Arc::new(event), delivery.attempts_in_round()))
+        Some((Arc::new(event), delivery.status, delivery.attempts_in_round()))
     }
 
     /// Makes one attempt of `due` (or holds it) and records the outcome;
@@ -428,7 +433,8 @@ impl Worker {
     /// this is the delivery's first attempt.
     fn attempt(&mut self, due: Due, fresh: Option<Arc<EventRecord>>) {
         let key = due.key;
-        let Some((event, attempts_in_round)) = fresh.map(|e| (e, 0)).or_else(|| self.load(due)) else {
+        let loaded = fresh.map(|e| (e, Status::Pending, 0)).or_else(|| self.load(due));
+        let Some((event, status_before, attempts_in_round)) = loaded else {
             return;
         };
         let (config, sender) = self.current();
@@ -484,8 +490,14 @@ impl Worker {
                     jitter: config.delivery.retry_jitter,
                     max_retry_after: config.delivery.max_retry_after,
                 };
+                let ended = match answer.class {
+                    Class::Success => Ended::Succeeded,
+                    Class::ShortOfResources => Ended::ShortOfResources,
+                    _ => Ended::Failed,
+                };
                 let (status, next) = schedule::after_attempt(
-                    answer.class == Class::Success,
+                    ended,
+                    status_before,
                     attempts_in_round,
                     &policy,
                     answer.retry_after,
@@ -504,7 +516,7 @@ impl Worker {
                     status_code = answer.status_code,
                     error = answer.error.as_deref(),
                     duration_ms,
-                    outcome = status.as_str(),
+                    outcome = if ended.counts() { status.as_str() } else { "put back" },
                     "attempt"
                 );
                 let attempt = Attempt {
@@ -515,7 +527,10 @@ impl Worker {
                     error: answer.error,
                     response_body: answer.response_body,
                 };
-                (Some(attempt), status, next)
+                // A put-back attempt is logged above and counted in the
+                // metrics, but not kept: it would count against the retry
+                // schedule and the webhook's health.
+                (ended.counts().then_some(attempt), status, next)
             }
         };
         let _ = self.done.send(Msg::Attempted(key));

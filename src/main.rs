@@ -19,6 +19,7 @@ mod metrics;
 mod receive;
 mod retention;
 mod schedule;
+mod server;
 mod sign;
 mod store;
 mod target;
@@ -397,14 +398,57 @@ fn init_logging(level: &str) {
 }
 
 fn run(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {
+    let nofile = open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config_path, config, accept_data_loss))
+        .block_on(serve(config_path, config, accept_data_loss, nofile))
 }
 
-async fn serve(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {
+/// Raises the open-files limit as far as allowed, says so, and returns it.
+fn open_files_limit() -> u64 {
+    match server::raise_open_files_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!("open files limit raised from {before} to {after}");
+            after
+        }
+        Ok((_, limit)) => {
+            tracing::info!("open files limit {limit} (already the hard limit)");
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open files limit");
+            let mut limit = libc::rlimit { rlim_cur: 1024, rlim_max: 0 };
+            // SAFETY: getrlimit writes only the struct it is given.
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+            limit.rlim_cur
+        }
+    }
+}
+
+/// `[server] max_connections`, or the default the open-files limit leaves
+/// room for; warns when it leaves too little for delivery and storage.
+fn max_connections(server: &config::Server, workers: usize, nofile: u64) -> usize {
+    let max = server.max_connections.unwrap_or_else(|| server::default_max_connections(nofile, workers));
+    if !server::fits(max, nofile, workers) {
+        tracing::warn!(
+            max_connections = max,
+            open_files_limit = nofile,
+            reserved = server::reserved_fds(workers),
+            "API connections may leave too few descriptors for delivery and storage; \
+             raise the open files limit (LimitNOFILE=) or lower max_connections"
+        );
+    }
+    max
+}
+
+async fn serve(
+    config_path: &Path,
+    config: config::Config,
+    accept_data_loss: bool,
+    nofile: u64,
+) -> anyhow::Result<()> {
     let options = store::Options {
         cache_capacity: config.storage.cache_capacity,
         min_free_space: config.storage.min_free_space,
@@ -412,6 +456,7 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
     };
     let store = store::Store::open(&config.storage.path, &options)?;
     let listen = config.server.listen;
+    let max_connections = max_connections(&config.server, config.delivery.workers, nofile);
     let shared = config::Shared::new(config);
     let metrics = metrics::Metrics::new();
     let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone());
@@ -423,20 +468,17 @@ async fn serve(config_path: &Path, config: config::Config, accept_data_loss: boo
         dispatcher: engine.handle.clone(),
         metrics: metrics.clone(),
     };
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let stop_server = Arc::new(tokio::sync::Notify::new());
     let server = {
-        let stop = stop_server.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(async move { stop.notified().await })
-                .await
-        })
+        let (stop, config) = (stop_server.clone(), shared.clone());
+        let stopped = async move { stop.notified().await };
+        tokio::spawn(server::serve(listener, api::router(state), config, max_connections, stopped))
     };
     let config = shared.get();
     tracing::info!(
         listen = %listen,
+        max_connections,
         storage = %config.storage.path.display(),
         webhooks = config.webhooks().len(),
         "nexor-webhookd ready"

@@ -25,7 +25,10 @@
 //! workers or the memory that other webhooks need.
 //!
 //! [`after_attempt`] is the retry policy: which status an attempt leads to and
-//! when the next one is due.
+//! when the next one is due. An attempt that never reached the receiver
+//! because this machine ran short of a resource is put back instead: due
+//! again after [`PUT_BACK`], no retry used, nothing held against the
+//! receiver.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -366,21 +369,54 @@ pub struct Policy<'a> {
     pub max_retry_after: Duration,
 }
 
-/// The retry policy. `attempts_before` counts attempts of this round made
-/// before this one. A failed attempt is retried after its scheduled delay
-/// (measured from the end of the attempt, stretched by up to `jitter` times
-/// itself using `random` in `[0, 1)`) or after the receiver's `Retry-After`
-/// (capped), whichever is later; the number of attempts never changes.
+/// How an attempt ended, as the retry policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Succeeded,
+    /// The receiver or the way to it failed it: an error status, a timeout,
+    /// a refused or reset connection, a TLS error, a blocked address.
+    Failed,
+    /// It never reached the receiver: this machine ran short of descriptors,
+    /// socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM). Not the
+    /// receiver's doing, so it neither uses up a retry nor counts as the
+    /// receiver's failure.
+    ShortOfResources,
+}
+
+impl Ended {
+    /// Whether the attempt goes into the delivery's log, where it counts
+    /// against the retry schedule and the webhook's health.
+    pub fn counts(self) -> bool {
+        self != Ended::ShortOfResources
+    }
+}
+
+/// How soon a delivery put back for want of a local resource is due again:
+/// a passing shortage delays it by about this, a lasting one costs one try
+/// per delivery this often (descriptors free up as connections close).
+pub const PUT_BACK: Duration = Duration::from_secs(1);
+
+/// The retry policy. `status_before` is the delivery's status and
+/// `attempts_before` the attempts of this round made before this one. A
+/// failed attempt is retried after its scheduled delay (measured from the
+/// end of the attempt, stretched by up to `jitter` times itself using
+/// `random` in `[0, 1)`) or after the receiver's `Retry-After` (capped),
+/// whichever is later; the number of attempts never changes. One that ran
+/// short of a local resource is put back: same status, due [`PUT_BACK`]
+/// after it ended, with its schedule untouched.
 pub fn after_attempt(
-    succeeded: bool,
+    ended: Ended,
+    status_before: Status,
     attempts_before: usize,
     policy: &Policy,
     retry_after: Option<Duration>,
     ended_at_ms: i64,
     random: f64,
 ) -> (Status, Option<i64>) {
-    if succeeded {
-        return (Status::Succeeded, None);
+    match ended {
+        Ended::Succeeded => return (Status::Succeeded, None),
+        Ended::ShortOfResources => return (status_before, Some(ended_at_ms + PUT_BACK.as_millis() as i64)),
+        Ended::Failed => {}
     }
     match policy.retry_schedule.get(attempts_before) {
         Some(delay) => {
@@ -463,32 +499,84 @@ mod tests {
 
     #[test]
     fn retry_policy_follows_the_schedule_then_fails() {
-        assert_eq!(after_attempt(false, 0, &POLICY, None, 1000, 0.5), (Status::Retrying, Some(1100)));
-        assert_eq!(after_attempt(false, 1, &POLICY, None, 1000, 0.5), (Status::Retrying, Some(1200)));
-        assert_eq!(after_attempt(false, 2, &POLICY, None, 1000, 0.5), (Status::Failed, None));
-        assert_eq!(after_attempt(true, 2, &POLICY, None, 1000, 0.5), (Status::Succeeded, None));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &POLICY, None, 1000, 0.5),
+            (Status::Retrying, Some(1100))
+        );
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 1, &POLICY, None, 1000, 0.5),
+            (Status::Retrying, Some(1200))
+        );
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 2, &POLICY, None, 1000, 0.5),
+            (Status::Failed, None)
+        );
+        assert_eq!(
+            after_attempt(Ended::Succeeded, Status::Retrying, 2, &POLICY, None, 1000, 0.5),
+            (Status::Succeeded, None)
+        );
         let none = Policy { retry_schedule: &[], ..POLICY };
-        assert_eq!(after_attempt(false, 0, &none, None, 1000, 0.5), (Status::Failed, None));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &none, None, 1000, 0.5),
+            (Status::Failed, None)
+        );
+    }
+
+    #[test]
+    fn a_local_shortage_puts_the_delivery_back_without_using_a_retry() {
+        let short = |before, attempts| {
+            after_attempt(Ended::ShortOfResources, before, attempts, &POLICY, None, 1000, 0.5)
+        };
+        // Whatever its place in the schedule, even past the last retry, it
+        // keeps its status and is due again shortly.
+        for attempts in 0..=3 {
+            assert_eq!(short(Status::Pending, attempts), (Status::Pending, Some(2000)), "{attempts}");
+            assert_eq!(short(Status::Retrying, attempts), (Status::Retrying, Some(2000)), "{attempts}");
+        }
+        let none = Policy { retry_schedule: &[], ..POLICY };
+        let put_back = after_attempt(Ended::ShortOfResources, Status::Pending, 0, &none, None, 1000, 0.0);
+        assert_eq!(put_back, (Status::Pending, Some(1000 + PUT_BACK.as_millis() as i64)));
+        // Not recorded: the attempts the schedule counts stay as they were.
+        assert!(!Ended::ShortOfResources.counts());
+        assert!(Ended::Failed.counts() && Ended::Succeeded.counts());
     }
 
     #[test]
     fn retry_after_can_only_delay_and_is_capped() {
         let secs = |s| Some(Duration::from_secs(s));
-        assert_eq!(after_attempt(false, 0, &POLICY, secs(5), 1000, 0.0), (Status::Retrying, Some(6000)));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &POLICY, secs(5), 1000, 0.0),
+            (Status::Retrying, Some(6000))
+        );
         // Shorter than the schedule: the schedule wins.
         let short = Some(Duration::from_millis(10));
-        assert_eq!(after_attempt(false, 0, &POLICY, short, 1000, 0.0), (Status::Retrying, Some(1100)));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &POLICY, short, 1000, 0.0),
+            (Status::Retrying, Some(1100))
+        );
         let capped = Policy { max_retry_after: Duration::from_secs(2), ..POLICY };
-        assert_eq!(after_attempt(false, 0, &capped, secs(3600), 1000, 0.0), (Status::Retrying, Some(3000)));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &capped, secs(3600), 1000, 0.0),
+            (Status::Retrying, Some(3000))
+        );
         // The last attempt stays the last, whatever the receiver asks.
-        assert_eq!(after_attempt(false, 2, &POLICY, secs(5), 1000, 0.0), (Status::Failed, None));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 2, &POLICY, secs(5), 1000, 0.0),
+            (Status::Failed, None)
+        );
     }
 
     #[test]
     fn jitter_only_stretches_within_its_fraction() {
         let jittery = Policy { jitter: 0.5, ..POLICY };
-        assert_eq!(after_attempt(false, 0, &jittery, None, 0, 0.0), (Status::Retrying, Some(100)));
-        assert_eq!(after_attempt(false, 0, &jittery, None, 0, 0.999), (Status::Retrying, Some(149)));
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &jittery, None, 0, 0.0),
+            (Status::Retrying, Some(100))
+        );
+        assert_eq!(
+            after_attempt(Ended::Failed, Status::Retrying, 0, &jittery, None, 0, 0.999),
+            (Status::Retrying, Some(149))
+        );
     }
 
     #[test]

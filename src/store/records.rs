@@ -253,7 +253,9 @@ pub struct Outcome {
     pub key: DeliveryKey,
     pub attempt: Option<Attempt>,
     pub status: Status,
-    /// When the next attempt is due; `Some` exactly when `status` is `Retrying`.
+    /// When the next attempt is due; `Some` exactly when `status` is waiting
+    /// for one (`Retrying`, or `Pending` for a delivery put back before any
+    /// attempt counted).
     pub next_attempt_at: Option<i64>,
 }
 

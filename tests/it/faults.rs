@@ -257,3 +257,44 @@ fn storage_that_cannot_be_used_is_a_clear_startup_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot create") && stderr.contains("not-a-dir/data"), "{stderr}");
 }
+
+#[test]
+fn idle_connections_at_the_cap_leave_descriptors_for_delivery_and_storage() {
+    raise_own_nofile();
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\nworkers = 2\n\n{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/ok/reserve"), r#"["*"]"#)
+    );
+    let mut d = Daemon::configured(None, "header_timeout = \"60s\"\nidle_timeout = \"60s\"", &cfg);
+    d.nofile = Some((200, 300));
+    d.start_again();
+    d.wait_log("open files limit raised from 200 to 300", 1);
+    // A client connected before the flood, as an application would be.
+    let mut app = Conn::open(&d.base);
+    assert_eq!(app.request("GET", "/healthz", "", SETTLE).map(|a| a.0), Some(200));
+    // More idle connections than descriptors; wait until the daemon has
+    // taken all it will.
+    let fillers: Vec<Conn> = (0..300).map(|_| Conn::open(&d.base)).collect();
+    let mut last = (0, 0);
+    wait_for("the daemon to stop taking connections", SETTLE, || {
+        let now = open_fds(d.pid());
+        last = if now == last.0 { (now, last.1 + 1) } else { (now, 0) };
+        std::thread::sleep(Duration::from_millis(40));
+        last.1 >= 5
+    });
+    let body = format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#);
+    let (status, answer) = app.request("POST", "/v1/events", &body, SETTLE).expect("an answer to the ingest");
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["event_id"].as_str().unwrap().to_owned();
+    let mut event = Value::Null;
+    wait_for("the delivery to settle", SETTLE, || {
+        event = app.request("GET", &format!("/v1/events/{id}"), "", SETTLE).expect("an answer").1;
+        event["deliveries"][0]["status"] != "pending"
+    });
+    assert_eq!(event["deliveries"][0]["status"], "succeeded", "{event}");
+    assert_eq!(attempts_of(&event, &hook_id(1)).len(), 1, "{event}");
+    assert_eq!(rx.hits_on("/ok/reserve").len(), 1);
+    assert!(d.exited().is_none(), "the daemon stopped:\n{}", d.log());
+    drop(fillers);
+}

@@ -267,3 +267,117 @@ fn check_config_refuses_every_target_that_is_not_global_unicast() {
         assert!(stderr.contains(why), "{url}: {stderr}");
     }
 }
+/// Opens a connection that sends the start of a request head and stalls.
+fn stalled_head(base: &str) -> Conn {
+    let mut c = Conn::open(base);
+    c.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n").unwrap();
+    c
+}
+
+#[test]
+fn slow_request_heads_are_closed_after_header_timeout() {
+    raise_own_nofile();
+    let d = Daemon::start("header_timeout = \"300ms\"\nidle_timeout = \"60s\"", "");
+    let opened = std::time::Instant::now();
+    let mut stalled: Vec<Conn> = (0..50).map(|_| stalled_head(&d.base)).collect();
+    // One more that keeps sending a byte every 50 ms: trickling does not
+    // restart the clock.
+    let dripping = {
+        let base = d.base.clone();
+        std::thread::spawn(move || {
+            let mut c = stalled_head(&base);
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if c.write(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            start.elapsed()
+        })
+    };
+    wait_for("every stalled head to be closed by the daemon", Duration::from_secs(5), || {
+        stalled.retain_mut(|c| !c.closed_within(Duration::from_millis(1)));
+        stalled.is_empty()
+    });
+    assert!(opened.elapsed() >= Duration::from_millis(300), "closed before header_timeout");
+    let dripped = dripping.join().unwrap();
+    assert!(dripped < Duration::from_secs(5), "a head trickling in stayed open for {dripped:?}");
+    let mut fresh = Conn::open(&d.base);
+    assert_eq!(fresh.request("GET", "/healthz", "", Duration::from_secs(5)).map(|a| a.0), Some(200));
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_timeout() {
+    let d = Daemon::start("header_timeout = \"300ms\"\nidle_timeout = \"1s\"", "");
+    let mut c = Conn::open(&d.base);
+    assert_eq!(c.request("GET", "/healthz", "", Duration::from_secs(5)).map(|a| a.0), Some(200));
+    // Idle for twice header_timeout: hyper's own header timer, restarted
+    // when a connection goes idle, would have closed it by now.
+    assert!(!c.closed_within(Duration::from_millis(600)), "an idle connection closed before idle_timeout");
+    assert_eq!(
+        c.request("GET", "/healthz", "", Duration::from_secs(5)).map(|a| a.0),
+        Some(200),
+        "a kept-alive connection serves its next request"
+    );
+    let idle_from = std::time::Instant::now();
+    assert!(c.closed_within(Duration::from_secs(5)), "an idle connection stayed open");
+    let idle = idle_from.elapsed();
+    // Measured from when the answer was read, a little after the daemon's
+    // clock started: well past header_timeout is what counts.
+    assert!(idle >= Duration::from_millis(600), "closed after {idle:?} idle, before idle_timeout");
+}
+
+#[test]
+fn at_max_connections_a_new_client_waits_in_the_backlog_and_is_answered_once_idle_ones_are_closed() {
+    let mut d = Daemon::start("max_connections = 20\nidle_timeout = \"3s\"\nheader_timeout = \"3s\"", "");
+    d.forget_connections();
+    let mut held: Vec<Conn> = (0..20)
+        .map(|i| {
+            let mut c = Conn::open(&d.base);
+            let answer = c.request("GET", "/healthz", "", Duration::from_secs(5));
+            assert_eq!(answer.map(|a| a.0), Some(200), "connection {i} of 20");
+            c
+        })
+        .collect();
+    // The 21st: the kernel completes its handshake, the daemon does not
+    // take it while 20 are open...
+    let mut waiting = Conn::open(&d.base);
+    let sent = std::time::Instant::now();
+    waiting.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n").unwrap();
+    assert!(waiting.answer(Duration::from_millis(500)).is_none(), "answered a 21st connection at the cap");
+    // ...and answers it once idle_timeout has closed the idle ones.
+    let answer = waiting.answer(Duration::from_secs(10));
+    assert_eq!(answer.map(|a| a.0), Some(200), "the waiting client was not answered");
+    assert!(sent.elapsed() >= Duration::from_millis(1500), "answered after {:?}", sent.elapsed());
+    for c in &mut held {
+        assert!(c.closed_within(Duration::from_secs(5)), "an idle connection at the cap stayed open");
+    }
+}
+
+#[test]
+fn accept_errors_back_off_and_are_logged_once_per_interval() {
+    raise_own_nofile();
+    let mut d = Daemon::configured(
+        None,
+        "max_connections = 1000\nheader_timeout = \"60s\"\nidle_timeout = \"60s\"",
+        "",
+    );
+    d.nofile = Some((64, 64));
+    d.start_again();
+    // More connections than descriptors: the daemon takes what it can, then
+    // accept fails with EMFILE while the rest wait in the backlog.
+    let fillers: Vec<Conn> = (0..100).map(|_| Conn::open(&d.base)).collect();
+    d.wait_log("Too many open files", 1);
+    let first = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    let logged = d.log().matches("accept error").count();
+    assert_eq!(logged, 1, "accept errors logged {logged} times in {:?}:\n{}", first.elapsed(), d.log());
+    drop(fillers);
+    let mut fresh = Conn::open(&d.base);
+    assert_eq!(
+        fresh.request("GET", "/healthz", "", Duration::from_secs(5)).map(|a| a.0),
+        Some(200),
+        "a new client once descriptors are free again"
+    );
+}

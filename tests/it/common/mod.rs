@@ -202,6 +202,8 @@ pub struct Daemon {
     pub run_args: Vec<String>,
     /// Extra environment variables for the daemon.
     pub env: Vec<(String, String)>,
+    /// The daemon's `RLIMIT_NOFILE` (soft, hard), when the test sets one.
+    pub nofile: Option<(u64, u64)>,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -238,6 +240,7 @@ impl Daemon {
             storage,
             run_args: Vec::new(),
             env: Vec::new(),
+            nofile: None,
             child: None,
             agent,
         };
@@ -254,6 +257,12 @@ impl Daemon {
             self.storage.display()
         );
         std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Drops the test's pooled keep-alive connections to the daemon, for
+    /// tests that count the daemon's connections.
+    pub fn forget_connections(&mut self) {
+        self.agent = agent(Duration::from_secs(30));
     }
 
     /// Sends a signal to the running daemon.
@@ -301,16 +310,26 @@ impl Daemon {
         } else {
             Command::new(bin())
         };
-        let child = command
+        command
             .args(["run", "--config"])
             .arg(self.config_path())
             .args(&self.run_args)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: setrlimit is async-signal-safe, as a pre_exec hook must be.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + limit;
         loop {
@@ -537,5 +556,102 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// The descriptors a process has open (from /proc).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Raises this test process's soft `RLIMIT_NOFILE` to its hard limit: the
+/// tests that open hundreds of connections must not run out themselves.
+pub fn raise_own_nofile() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// A raw keep-alive connection to the daemon, for tests about connections
+/// themselves (the HTTP agent would hide them in its pool).
+pub struct Conn(pub std::net::TcpStream);
+
+impl Conn {
+    pub fn open(base: &str) -> Conn {
+        let s = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn(s)
+    }
+
+    /// Writes `bytes` as they are (a partial request head, say).
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes)
+    }
+
+    /// Sends one request; its status and body, or `None` if no whole answer
+    /// came within `limit` (the connection was closed, or nothing came).
+    pub fn request(&mut self, method: &str, path: &str, body: &str, limit: Duration) -> Option<(u16, Value)> {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        self.write(format!("{head}{body}").as_bytes()).ok()?;
+        self.answer(limit)
+    }
+
+    /// Reads one answer (with a `content-length`); `None` if none came in
+    /// full within `limit`.
+    pub fn answer(&mut self, limit: Duration) -> Option<(u16, Value)> {
+        use std::io::Read;
+        let deadline = Instant::now() + limit;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+            if let Some(end) = end {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let status = head.split(' ').nth(1)?.parse().ok()?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    let body = &buf[end + 4..end + 4 + len];
+                    let text = String::from_utf8_lossy(body).into_owned();
+                    return Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))));
+                }
+            }
+            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+            self.0.set_read_timeout(Some(left)).unwrap();
+            match self.0.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Whether the daemon has closed this connection: a read sees the end
+    /// (or a reset) within `wait`. Bytes that come meanwhile are dropped.
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        use std::io::{ErrorKind, Read};
+        let deadline = Instant::now() + wait;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                return false;
+            };
+            self.0.set_read_timeout(Some(left)).unwrap();
+            match self.0.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
+                Err(_) => return true,
+            }
+        }
     }
 }
