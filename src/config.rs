@@ -524,6 +524,10 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         Err(e) => {
             let line = e.span().map(|s| c.line_of(s.clone()));
             let mut message = e.message().trim().to_owned();
+            if message.is_empty() {
+                // toml says nothing for some errors, `A=` for one.
+                message = "not valid TOML here (a value missing or malformed?)".into();
+            }
             if e.span().is_some_and(|s| about_a_secret(text, s.start)) {
                 message = redact_values(&message);
             }
@@ -932,6 +936,14 @@ events = ["meeting.scheduled"]
     }
 
     #[test]
+    fn a_key_without_a_value_is_named_not_left_blank() {
+        let e = errors("A=");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].0, Some(1));
+        assert!(e[0].1.contains("not valid TOML"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_key_names_its_line() {
         let text = GOOD.replace("timeout = \"5s\"", "timeout = \"5s\"\nretries = 3");
         let e = errors(&text);
@@ -1025,9 +1037,11 @@ events = ["meeting.scheduled"]
         let c = parse(&with("secret_file = \"hook.secret\""), dir.path()).unwrap();
         assert_eq!(c.webhooks()[0].secret.expose(), "from-file");
         assert!(!c.inline_secrets);
-        std::env::set_var("NEXOR_TEST_SECRET_ENV", "from-env");
-        let c = parse(&with("secret_env = \"NEXOR_TEST_SECRET_ENV\""), dir.path()).unwrap();
-        assert_eq!(c.webhooks()[0].secret.expose(), "from-env");
+        // A variable every process has: setting one here would race the
+        // other tests' reads of the environment (undefined on glibc).
+        let path = std::env::var("PATH").expect("PATH is set");
+        let c = parse(&with("secret_env = \"PATH\""), dir.path()).unwrap();
+        assert_eq!(c.webhooks()[0].secret.expose(), &path);
         let e = parse(&with("secret = \"a\"\nsecret_file = \"hook.secret\""), dir.path()).unwrap_err();
         assert!(e[0].message.contains("only one of"), "{}", e[0].message);
         let e = parse(&with(""), dir.path()).unwrap_err();

@@ -174,6 +174,22 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or_default())
 }
 
+/// The resolver's refusal of an address the target policy does not allow;
+/// carried through ureq inside an `io::Error`, and recognised by its type.
+#[derive(Debug)]
+struct Blocked {
+    ip: std::net::IpAddr,
+    why: &'static str,
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "blocked: {} is {}", self.ip, self.why)
+    }
+}
+
+impl std::error::Error for Blocked {}
+
 /// Turns a ureq error into words for the attempt log.
 fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
     use std::io::ErrorKind;
@@ -184,9 +200,7 @@ fn explain(e: &ureq::Error, timeout: Duration) -> (Class, String) {
             (Class::ShortOfResources, format!("short of local resources: {io}"))
         }
         ureq::Error::Io(io) => match io.kind() {
-            ErrorKind::PermissionDenied if io.to_string().starts_with("blocked:") => {
-                (Class::Blocked, io.to_string())
-            }
+            _ if io.get_ref().is_some_and(|e| e.is::<Blocked>()) => (Class::Blocked, io.to_string()),
             ErrorKind::ConnectionRefused => (Class::Connect, "connection refused".into()),
             ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
                 (Class::Connect, "connection reset".into())
@@ -381,8 +395,8 @@ impl<R: Resolver> Resolver for GuardedResolver<R> {
         let refused =
             |a: &SocketAddr| Some((a.ip(), target::refused(a.ip(), self.allow_private, &self.allowed)?));
         if let Some((ip, why)) = addrs.iter().find_map(refused) {
-            let msg = format!("blocked: {ip} is {why}");
-            return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)));
+            let blocked = Blocked { ip, why };
+            return Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, blocked)));
         }
         self.resolved.lock().expect("resolver cache").insert(key, (Instant::now(), addrs.clone()));
         Ok(addrs)

@@ -63,8 +63,10 @@ pub struct Ingest {
 pub enum IngestError {
     /// Not JSON at all (400).
     Unparseable(String),
-    /// JSON, but a field is missing or wrong (422).
+    /// JSON, but a field is wrong (422, `invalid_field`).
     Invalid { field: &'static str, message: String },
+    /// JSON, but a required field is not there (422, `missing_field`).
+    Missing { field: &'static str },
 }
 
 impl IngestError {
@@ -103,7 +105,7 @@ pub fn parse_ingest(body: &[u8]) -> Result<Ingest, IngestError> {
         )
     })?;
     let client_id = parse_uuid(&required_str(raw.client_id, "client_id")?, "client_id")?;
-    let data = data_object(raw.data.ok_or_else(|| IngestError::invalid("data", "missing field `data`"))?)?;
+    let data = data_object(raw.data.ok_or(IngestError::Missing { field: "data" })?)?;
     let event_id = optional_str(raw.event_id, "event_id")?.map(|s| parse_uuid(&s, "event_id")).transpose()?;
     let timestamp_ms = optional_str(raw.timestamp, "timestamp")?
         .map(|s| {
@@ -156,7 +158,7 @@ fn type_list() -> String {
 }
 
 fn required_str(v: Option<&RawValue>, field: &'static str) -> Result<String, IngestError> {
-    optional_str(v, field)?.ok_or_else(|| IngestError::invalid(field, format!("missing field `{field}`")))
+    optional_str(v, field)?.ok_or(IngestError::Missing { field })
 }
 
 /// A string field, where `null` counts as absent.
@@ -215,7 +217,7 @@ mod tests {
 
     fn field_of(r: Result<Ingest, IngestError>) -> &'static str {
         match r {
-            Err(IngestError::Invalid { field, .. }) => field,
+            Err(IngestError::Invalid { field, .. } | IngestError::Missing { field }) => field,
             other => panic!("expected a 422, got {other:?}"),
         }
     }
@@ -293,7 +295,7 @@ mod tests {
                     proptest::prop_assert_eq!(i.event_type.as_str(), t.as_str());
                     proptest::prop_assert!(i.data.starts_with('{'), "data {} is not an object", i.data);
                 }
-                Err(IngestError::Invalid { .. }) => {}
+                Err(IngestError::Invalid { .. } | IngestError::Missing { .. }) => {}
                 Err(IngestError::Unparseable(m)) => proptest::prop_assert!(false, "valid JSON called unparseable: {}", m),
             }
         }

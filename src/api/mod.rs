@@ -97,11 +97,16 @@ impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::Unparseable(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", m),
-            IngestError::Invalid { field, message } => {
-                let code =
-                    if message.starts_with("missing field") { "missing_field" } else { "invalid_field" };
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, format!("{field}: {message}"))
-            }
+            IngestError::Invalid { field, message } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                format!("{field}: {message}"),
+            ),
+            IngestError::Missing { field } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_field",
+                format!("{field}: missing field `{field}`"),
+            ),
         }
     }
 }

@@ -516,7 +516,9 @@ impl Committer {
             }
         }
         let Some(seq) = p.get(&self.db, &keys::index(id))? else { return Ok(None) };
-        let seq = keys::u64_at(&seq, 0);
+        // Stored data: a short value is an error for this request, never a
+        // panic of the only writer.
+        let seq = keys::u64_value(&keys::index(id), &seq)?;
         p.decode(&self.db, &keys::event(seq))?.map(Some).ok_or_else(|| StoreError::Corrupt {
             key: format!("event {seq}"),
             reason: "index points at nothing".into(),

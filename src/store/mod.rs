@@ -618,7 +618,8 @@ impl Reader {
                 return Ok(Some(seq));
             }
         }
-        Ok(self.db.get(keys::index(event_id))?.map(|v| keys::u64_at(&v, 0)))
+        let key = keys::index(event_id);
+        self.db.get(key)?.map(|v| keys::u64_value(&key, &v)).transpose()
     }
 
     pub fn event(&self, seq: u64) -> Result<Option<EventRecord>, StoreError> {
@@ -1060,6 +1061,20 @@ mod tests {
         ] {
             assert!(found.contains(expected), "{expected:?} not in:\n{found}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_short_id_index_value_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Uuid::from_bytes([7; 16]);
+        drop(Store::open(dir.path(), &OPTIONS).unwrap());
+        raw(dir.path(), |db| db.insert(keys::index(&id), &[1, 2, 3]).unwrap());
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        assert!(matches!(reads(&store).find_event(&id), Err(StoreError::Corrupt { .. })));
+        let Err(e) = store.ingest(new(7, "{}", &[])).await else { panic!("a short index value was taken") };
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        // The writer lives on.
+        assert!(store.ingest(new(8, "{}", &[])).await.is_ok());
     }
 
     #[tokio::test]

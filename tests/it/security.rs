@@ -140,7 +140,6 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
     let rx = Receiver::start();
     let secret_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret_file.path(), "file-secret-3f9a\n").unwrap();
-    std::env::set_var("NEXOR_TEST_ENV_SECRET", "env-secret-77c1");
     let cfg = format!(
         "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}{}",
         webhook(W1, CLIENT_A, &rx.url("/ok/s1"), r#"["*"]"#)
@@ -152,7 +151,11 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
         webhook(W3, CLIENT_A, &rx.url("/ok/s3"), r#"["*"]"#)
             .replace(&format!("secret = \"whsec_{W3}\""), "secret_env = \"NEXOR_TEST_ENV_SECRET\""),
     );
-    let d = Daemon::start("api_token = \"token-secret-0d2e\"", &cfg);
+    // The daemon's environment only: setting the test process's own would
+    // race every other test's reads of it.
+    let mut d = Daemon::configured(None, "api_token = \"token-secret-0d2e\"", &cfg);
+    d.env.push(("NEXOR_TEST_ENV_SECRET".into(), "env-secret-77c1".into()));
+    d.start_again();
     let token = Some("token-secret-0d2e");
     let (status, body) = d.request(
         "POST",
