@@ -8,7 +8,7 @@
 #   contrib/compare-builds.sh BIN_A BIN_B [PAIRS] [EVENTS] [-- LOADTEST ARGS...]
 #
 # BIN_A and BIN_B are daemon binaries (or wrapper scripts that exec one);
-# run `cargo build --release` first for target/release/loadtest.
+# run `cargo build --release --workspace` first for target/release/loadtest.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
