@@ -183,7 +183,11 @@ mod tests {
         assert_eq!(verify("old", &h, "1000", b"{}", tol, 900), Ok(()));
         assert_eq!(verify("other", &h, "1000", b"{}", tol, 1000), Err(VerifyError::NoMatch));
         assert_eq!(verify("new", &h, "1000", b"{ }", tol, 1000), Err(VerifyError::NoMatch));
-        assert_eq!(verify("new", &h, "1000", b"{}", tol, 1300), Ok(()), "exactly the tolerance is still fresh");
+        assert_eq!(
+            verify("new", &h, "1000", b"{}", tol, 1300),
+            Ok(()),
+            "exactly the tolerance is still fresh"
+        );
         assert_eq!(verify("new", &h, "1000", b"{}", tol, 1301), Err(VerifyError::Stale(301)));
         assert_eq!(verify("new", "v2=abc", "1000", b"{}", tol, 1000), Err(VerifyError::NoSignature));
         assert!(matches!(verify("new", &h, "soon", b"{}", tol, 1000), Err(VerifyError::BadTimestamp(_))));
