@@ -502,12 +502,7 @@ impl Worker {
                     &policy,
                     answer.retry_after,
                     started_at_ms + duration_ms as i64,
-                    // A uniform fraction from a random uuid's bits: enough for jitter.
-                    if policy.jitter > 0.0 {
-                        (Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
-                    } else {
-                        0.0
-                    },
+                    if policy.jitter > 0.0 { fastrand::f64() } else { 0.0 },
                 );
                 tracing::info!(
                     webhook_id = %webhook.id,

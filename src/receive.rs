@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,14 +29,12 @@ pub struct Options {
 
 struct Receiver {
     opts: Options,
-    rng: AtomicU64,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     println!("listening on http://{} — point a webhook's url here", listener.local_addr()?);
-    let seed = clock::now_ms() as u64 | 1;
-    let state = Arc::new(Receiver { opts, rng: AtomicU64::new(seed) });
+    let state = Arc::new(Receiver { opts });
     let app = Router::new().fallback(handle).with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
@@ -98,18 +95,9 @@ async fn handle(
 }
 
 impl Receiver {
-    /// xorshift64: enough randomness to fail a fraction of requests.
+    /// Whether to fail this request on purpose, for `--fail-rate`.
     fn should_fail(&self) -> bool {
-        if self.opts.fail_rate <= 0.0 {
-            return false;
-        }
-        let mut x = self.rng.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.store(x, Ordering::Relaxed);
-        let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
-        unit < self.opts.fail_rate
+        self.opts.fail_rate > 0.0 && fastrand::f64() < self.opts.fail_rate
     }
 }
 
