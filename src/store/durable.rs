@@ -18,12 +18,13 @@
 //! says were acknowledged is damaged, and is refused rather than served
 //! short ([`check`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -207,7 +208,7 @@ impl Syncer {
         db.flush()?;
         let blobs = self.dir.join("blobs");
         for dir in [blobs.as_path(), self.dir.clone().as_path()] {
-            self.sync_files(dir)?;
+            patiently(dir, || self.sync_files(dir))?;
         }
         self.db_file.sync_data()?;
         let ack = Acknowledged { mark, at_ms: clock::now_ms() };
@@ -217,15 +218,18 @@ impl Syncer {
     }
 
     /// Syncs the files of `dir` that are new or grew since the last call,
-    /// then `dir` itself if its entries changed.
-    fn sync_files(&mut self, dir: &Path) -> Result<(), StoreError> {
+    /// then `dir` itself if its entries changed. What was synced is noted
+    /// only once all of it was, so a call that fails can simply be made
+    /// again.
+    fn sync_files(&mut self, dir: &Path) -> std::io::Result<()> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
-        let known = self.synced.entry(dir.to_owned()).or_default();
-        let mut seen = HashSet::with_capacity(known.len());
+        let empty = HashMap::new();
+        let known = self.synced.get(dir).unwrap_or(&empty);
+        let mut now = HashMap::with_capacity(known.len());
         let mut changed = false;
         for entry in entries {
             let entry = entry?;
@@ -233,33 +237,62 @@ impl Syncer {
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
-            seen.insert(name.clone());
+            changed |= !known.contains_key(&name);
             if !meta.is_file() || name == "db" || name == LEDGER || name == "blobs" {
-                changed |= known.insert(name, 0).is_none();
+                now.insert(name, 0);
                 continue;
             }
             let len = meta.len();
-            if known.get(&name) == Some(&len) {
-                continue;
+            if known.get(&name) != Some(&len) {
+                // A blob is written once, whole, before the batch that points
+                // at it is applied; one still being written (by the next
+                // batch) is synced again once its length changes.
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
             }
-            // A blob is written once, whole, before the batch that points at
-            // it is applied; one still being written (by the next batch) is
-            // synced again once its length changes.
-            match File::open(entry.path()) {
-                Ok(f) => f.sync_data()?,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
-            }
-            changed |= known.insert(name, len).is_none();
+            now.insert(name, len);
         }
-        let before = known.len();
-        known.retain(|name, _| seen.contains(name));
-        if changed || known.len() != before {
-            sync_dir(dir)?;
+        changed |= known.keys().any(|name| !now.contains_key(name));
+        if changed {
+            File::open(dir)?.sync_all()?;
         }
+        self.synced.insert(dir.to_owned(), now);
         Ok(())
+    }
+}
+
+/// How long a sync waits for file descriptors to come free before it fails.
+/// The API's connection cap keeps a reserve for storage, so running out
+/// means something else holds them (a flood, or a leak), and the API's
+/// timeouts give them back within seconds.
+const FD_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Runs `op` again while it fails for want of file descriptors (EMFILE,
+/// ENFILE): nothing is wrong with the disk, so a sync must not end the
+/// process for that; acknowledgements wait meanwhile.
+fn patiently(what: &Path, mut op: impl FnMut() -> std::io::Result<()>) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match op() {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                    && started.elapsed() < FD_PATIENCE =>
+            {
+                if !said {
+                    tracing::warn!(error = %e, "out of file descriptors while syncing storage; waiting for some to come free");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Unavailable(format!("cannot sync {}: {e}", what.display()))),
+            Ok(()) => return Ok(()),
+        }
     }
 }
 

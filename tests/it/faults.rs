@@ -298,3 +298,45 @@ fn idle_connections_at_the_cap_leave_descriptors_for_delivery_and_storage() {
     assert!(d.exited().is_none(), "the daemon stopped:\n{}", d.log());
     drop(fillers);
 }
+
+/// Out of file descriptors while a batch is synced (the connection cap
+/// lifted far past the limit, so connections take them all): the sync
+/// waits for descriptors to come free instead of ending the process, and
+/// the event is acknowledged once they do.
+#[test]
+fn a_sync_short_of_descriptors_waits_instead_of_stopping_the_daemon() {
+    raise_own_nofile();
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\nworkers = 2\n\n{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/ok/patient"), r#"["*"]"#)
+    );
+    let mut d = Daemon::configured(
+        None,
+        "header_timeout = \"60s\"\nidle_timeout = \"60s\"\nmax_connections = 5000",
+        &cfg,
+    );
+    d.nofile = Some((200, 200));
+    d.start_again();
+    let mut app = Conn::open(&d.base);
+    assert_eq!(app.request("GET", "/healthz", "", SETTLE).map(|a| a.0), Some(200));
+    let fillers: Vec<Conn> = (0..300).map(|_| Conn::open(&d.base)).collect();
+    let mut last = (0, 0);
+    wait_for("the daemon to take every descriptor it can", SETTLE, || {
+        let now = open_fds(d.pid());
+        last = if now == last.0 { (now, last.1 + 1) } else { (now, 0) };
+        std::thread::sleep(Duration::from_millis(40));
+        last.1 >= 5
+    });
+    let body = format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#);
+    std::thread::scope(|s| {
+        let ingest = s.spawn(move || app.request("POST", "/v1/events", &body, Duration::from_secs(30)));
+        d.wait_log("out of file descriptors while syncing storage", 1);
+        assert!(d.exited().is_none(), "the daemon stopped:\n{}", d.log());
+        drop(fillers);
+        let (status, answer) = ingest.join().unwrap().expect("an answer to the ingest");
+        assert_eq!(status, 202, "{answer}");
+    });
+    wait_for("the delivery", SETTLE, || rx.hits_on("/ok/patient").len() == 1);
+    assert!(d.exited().is_none(), "the daemon stopped:\n{}", d.log());
+}
