@@ -245,3 +245,35 @@ fn receive_command_verifies_deliveries_from_the_daemon() {
     assert!(line.contains(&format!("event_id={id}")), "{line}");
     assert!(line.ends_with("verified, answered 200"), "{line}");
 }
+
+/// `receive --status 503` and `--fail-rate 1` fail verified deliveries on
+/// purpose, and say so in the body the daemon records with the attempt.
+#[test]
+fn receive_fails_on_purpose_and_says_so() {
+    for flags in [["--status", "503"], ["--fail-rate", "1"]] {
+        let port = free_port();
+        let mut receiver = Command::new(bin())
+            .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", &format!("whsec_{W1}")])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
+        assert!(lines.next().unwrap().unwrap().starts_with("listening on"));
+        let cfg = format!(
+            "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}",
+            webhook(W1, CLIENT_A, &format!("http://127.0.0.1:{port}/hook"), r#"["*"]"#)
+        );
+        let d = Daemon::start("", &cfg);
+        let (_, body) = d.send("meeting.no_show", CLIENT_A, "{}");
+        let id = body["event_id"].as_str().unwrap();
+        let line = lines.next().unwrap().unwrap();
+        let event = d.wait_settled(id, &["failed"], SETTLE);
+        receiver.kill().unwrap();
+        receiver.wait().unwrap();
+        assert!(line.contains("verified, answered 503"), "{flags:?}: {line}");
+        let attempt = &event["deliveries"][0]["attempts"][0];
+        assert_eq!(attempt["status_code"], 503, "{flags:?}: {event}");
+        assert_eq!(attempt["response_body"], "failing on purpose\n", "{flags:?}: {event}");
+    }
+}
