@@ -81,6 +81,8 @@ pub struct Storage {
     pub retention: Duration,
     /// Ingest answers 503 while the disk has less free space than this.
     pub min_free_space: u64,
+    /// Writes waiting this long with nothing done end the process.
+    pub stall_limit: Duration,
 }
 
 #[derive(Debug)]
@@ -270,6 +272,10 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A store stuck this long with writes waiting is taken for wedged (sled,
+/// after a write failed inside its own threads, hangs without an error).
+const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// What marks the example config's secret as a placeholder.
 const PLACEHOLDER_SECRET: &str = "change_me";
 
@@ -352,6 +358,7 @@ struct RawStorage {
     cache_capacity: Option<Spanned<u64>>,
     retention: Option<Spanned<String>>,
     min_free_space: Option<Spanned<u64>>,
+    stall_limit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -577,6 +584,10 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         Some(v) => c.positive(v, "cache_capacity"),
     };
     let min_free_space = raw.storage.min_free_space.as_ref().map_or(DEFAULT_MIN_FREE, |v| *v.get_ref());
+    let stall_limit = match &raw.storage.stall_limit {
+        None => Some(DEFAULT_STALL_LIMIT),
+        Some(v) => c.duration(v, "stall_limit"),
+    };
     let retention = match &raw.storage.retention {
         None => Some(DEFAULT_RETENTION),
         Some(v) => c.duration(v, "retention"),
@@ -733,6 +744,7 @@ fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             cache_capacity: cache_capacity.unwrap(),
             retention: retention.unwrap(),
             min_free_space,
+            stall_limit: stall_limit.unwrap(),
         },
         delivery: Delivery {
             timeout: timeout.unwrap(),

@@ -484,7 +484,7 @@ async fn serve(
         "nexor-webhookd ready"
     );
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    start_watchdog(store.clone());
+    watch_store(store.clone(), config.storage.stall_limit);
 
     // What the process started with: restart-only settings (the bound
     // address among them) stay as they were, whatever later files say.
@@ -645,39 +645,51 @@ async fn release_held(
 }
 
 /// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.
-/// Pings the systemd watchdog at half its interval while the store gets
-/// through its work. A store stuck with writes waiting (a flush that hangs
-/// without an error: nothing is acknowledged, yet the process looks alive)
-/// stops the pings once it has been stuck for the whole interval, and
-/// systemd restarts the daemon on what is on disk.
-fn start_watchdog(store: store::Store) {
+/// Watches that the store gets through its work. While it does, pings the
+/// systemd watchdog (when there is one) at half its interval. A store stuck
+/// with writes waiting (a sync that hangs without an error: nothing is
+/// acknowledged, yet the process looks alive) stops the pings once it has
+/// been stuck for the whole watchdog interval, so that systemd restarts the
+/// daemon; and once it has been stuck for `stall_limit`, the daemon ends
+/// itself with a clear line, systemd or not, and a fresh start reads what
+/// is on disk.
+fn watch_store(store: store::Store, stall_limit: Duration) {
     let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        let every = Duration::from_micros(usec / 2);
-        let stuck_after = Duration::from_micros(usec);
-        tokio::spawn(async move {
-            let mut last = store.progress();
-            let mut moved = std::time::Instant::now();
-            let mut said = false;
-            loop {
-                let now = store.progress();
-                if now.waiting == 0 || now.done != last.done {
-                    moved = std::time::Instant::now();
-                    said = false;
-                }
-                last = now;
-                if moved.elapsed() < stuck_after {
-                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
-                } else if !said {
-                    tracing::error!(
-                        waiting = now.waiting,
-                        "storage has finished nothing for {stuck_after:?} with writes waiting; \
-                         no longer telling systemd the daemon is alive, so that it restarts it"
-                    );
-                    said = true;
-                }
-                tokio::time::sleep(every).await;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
+    let stuck_after = if watchdog { Duration::from_micros(usec) } else { stall_limit };
+    let every = (stuck_after / 2).min(Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut last = store.progress();
+        let mut moved = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            let now = store.progress();
+            if now.waiting == 0 || now.done != last.done {
+                moved = std::time::Instant::now();
+                said = false;
             }
-        });
-    }
+            last = now;
+            let stuck = moved.elapsed();
+            if stuck >= stall_limit {
+                tracing::error!(waiting = now.waiting, "storage has finished nothing for {stuck:?} with writes waiting; stopping, so that a fresh start reads what is on disk");
+                eprintln!(
+                    "nexor-webhookd: storage has finished nothing for {stuck:?} with writes waiting; stopped"
+                );
+                std::process::exit(1);
+            }
+            if stuck < stuck_after {
+                if watchdog {
+                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                }
+            } else if !said && watchdog {
+                tracing::error!(
+                    waiting = now.waiting,
+                    "storage has finished nothing for {stuck_after:?} with writes waiting; \
+                     no longer telling systemd the daemon is alive, so that it restarts it"
+                );
+                said = true;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
 }

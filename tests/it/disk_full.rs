@@ -25,8 +25,13 @@ fn big_events_at_a_nearly_full_disk_get_503_and_the_daemon_stays_responsive() {
     let storage = disk.path().join("data");
     let mut d = Daemon::configured(Some(&storage), "max_body = 1048576", &cfg);
     let text = std::fs::read_to_string(d.config_path()).unwrap();
-    std::fs::write(d.config_path(), text.replace("[storage]\n", "[storage]\nmin_free_space = 4194304\n"))
-        .unwrap();
+    // A store that still wedges (sled meeting ENOSPC in its own threads
+    // hangs without an error) ends the daemon after 5 s, with a line.
+    std::fs::write(
+        d.config_path(),
+        text.replace("[storage]\n", "[storage]\nmin_free_space = 4194304\nstall_limit = \"5s\"\n"),
+    )
+    .unwrap();
     d.start_again();
 
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -60,7 +65,8 @@ fn big_events_at_a_nearly_full_disk_get_503_and_the_daemon_stays_responsive() {
         .collect();
     // Either ingest refuses what would not fit and the daemon goes on, or
     // sled met ENOSPC anyway and the daemon stopped, saying why (systemd
-    // starts it again). Never a hang.
+    // starts it again): at once on a failed write, or after stall_limit if
+    // sled hung instead. Never a hang.
     let mut stopped = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while stopped.is_none() && *refused.lock().unwrap() < 40 {
@@ -76,8 +82,9 @@ fn big_events_at_a_nearly_full_disk_get_503_and_the_daemon_stays_responsive() {
     match stopped {
         Some(code) => {
             assert_eq!(code, Some(1), "{}", d.log());
-            assert!(d.log().contains("storage write failed"), "{}", d.log());
-            assert!(d.log().contains("No space left on device"), "{}", d.log());
+            let log = d.log();
+            let failed = log.contains("storage write failed") && log.contains("No space left on device");
+            assert!(failed || log.contains("storage has finished nothing for"), "{log}");
         }
         None => {
             // While the disk is full: reads, health and metrics answer.

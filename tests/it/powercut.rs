@@ -464,3 +464,40 @@ fn a_store_that_stops_answering_stops_the_watchdog() {
     wait_for("watchdog pings again", Duration::from_secs(10), pinged);
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// Without systemd's watchdog, a store stuck with writes waiting for
+/// `stall_limit` ends the daemon with a clear line (exit 1), and a fresh
+/// start serves what was acknowledged.
+#[test]
+fn a_store_stuck_past_its_stall_limit_ends_the_daemon() {
+    let fs = LazyFs::mount();
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
+    );
+    let mut d = Daemon::configured(Some(&fs.path().join("data")), "", &cfg);
+    let text = fs::read_to_string(d.config_path()).unwrap();
+    fs::write(d.config_path(), text.replace("[storage]\n", "[storage]\nstall_limit = \"1s\"\n")).unwrap();
+    d.start_again();
+    let (status, before) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    assert_eq!(status, 202, "{before}");
+    {
+        let held = fs.hold_syncs();
+        std::thread::scope(|s| {
+            s.spawn(|| d.send("meeting.scheduled", CLIENT_A, "{}"));
+            d.wait_log("storage has finished nothing for", 1);
+            // The process can finish exiting only once its sync is answered.
+            drop(held);
+        });
+    }
+    let mut code = None;
+    wait_for("the daemon to end", Duration::from_secs(10), || {
+        code = d.exited();
+        code.is_some()
+    });
+    assert_eq!(code, Some(Some(1)), "{}", d.log());
+    d.start_again();
+    d.event(before["event_id"].as_str().unwrap());
+    assert_eq!(d.terminate(), Some(0));
+}
