@@ -417,6 +417,15 @@ fn every_acknowledged_event_survives_power_cuts() {
     );
 }
 
+/// A daemon (not started) with its storage on `fs` and one webhook to `rx`.
+fn on_lazyfs(fs: &LazyFs, rx: &Receiver) -> Daemon {
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
+    );
+    Daemon::configured(Some(&fs.path().join("data")), "", &cfg)
+}
+
 /// A disk that stops answering without an error: nothing is acknowledged
 /// meanwhile, and the daemon stops telling systemd's watchdog it is alive,
 /// so that systemd restarts it; once the disk answers, both come back.
@@ -424,11 +433,7 @@ fn every_acknowledged_event_survives_power_cuts() {
 fn a_store_that_stops_answering_stops_the_watchdog() {
     let fs = LazyFs::mount();
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
-    );
-    let mut d = Daemon::configured(Some(&fs.path().join("data")), "", &cfg);
+    let mut d = on_lazyfs(&fs, &rx);
     let socket_path = d.dir.path().join("notify");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
@@ -472,11 +477,7 @@ fn a_store_that_stops_answering_stops_the_watchdog() {
 fn a_store_stuck_past_its_stall_limit_ends_the_daemon() {
     let fs = LazyFs::mount();
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/ok"), r#"["*"]"#)
-    );
-    let mut d = Daemon::configured(Some(&fs.path().join("data")), "", &cfg);
+    let mut d = on_lazyfs(&fs, &rx);
     let text = fs::read_to_string(d.config_path()).unwrap();
     fs::write(d.config_path(), text.replace("[storage]\n", "[storage]\nstall_limit = \"1s\"\n")).unwrap();
     d.start_again();
