@@ -289,13 +289,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut config =
         parse(&text, base).map_err(|problems| ConfigError { file: path.to_owned(), problems })?;
-    if config.inline_secrets && readable_by_others(path) {
+    if config.inline_secrets && mode_grants(path, 0o004) {
         config.warnings.push(format!(
             "{} holds secrets and is readable by other users; chmod 600 it, or use secret_file / api_token_file",
             path.display()
         ));
     }
-    if open_to_others(&config.storage.path) {
+    // Its group or other users, any access.
+    if mode_grants(&config.storage.path, 0o077) {
         config.warnings.push(format!(
             "the storage directory {} is open to its group or other users, and events carry personal \
              data; chmod 700 it (the daemon makes everything in it private to its own user)",
@@ -305,14 +306,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-fn open_to_others(path: &Path) -> bool {
+/// Whether `path` exists and its mode grants any of the permission `bits`.
+fn mode_grants(path: &Path, bits: u32) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
-}
-
-fn readable_by_others(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & bits != 0)
 }
 
 /// Reads a secret kept in its own file (trailing newline trimmed).

@@ -20,13 +20,23 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The HMAC of `"<parts[0]>.<parts[1]>…"` under `key`: the framing of both
+/// signatures, for signing and for verifying alike.
+fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
+    let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b".");
+        }
+        mac.update(part);
+    }
+    mac
+}
+
 /// One `v1=<hex>` signature of `body` sent at `timestamp` (unix seconds).
 pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
+    let mac = mac(secret.as_bytes(), &[timestamp.to_string().as_bytes(), body]);
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
@@ -43,12 +53,7 @@ pub fn standard_key(secret: &str) -> Option<Vec<u8>> {
 
 /// The Standard Webhooks `webhook-signature` value for one key.
 pub fn standard_signature(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
-    mac.update(msg_id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
+    let mac = mac(key, &[msg_id.as_bytes(), timestamp.to_string().as_bytes(), body]);
     format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
@@ -95,10 +100,11 @@ pub fn verify(
             VerifyError::NoSignature
         });
     }
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(ts.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
+    matches_any(mac(secret.as_bytes(), &[ts.to_string().as_bytes(), body]), &candidates)
+}
+
+/// Whether one of `candidates` is `mac`'s value, each compared in constant time.
+fn matches_any(mac: HmacSha256, candidates: &[Vec<u8>]) -> Result<(), VerifyError> {
     let matches = candidates.iter().any(|c| mac.clone().verify_slice(c).is_ok());
     matches.then_some(()).ok_or(VerifyError::NoMatch)
 }
@@ -136,14 +142,7 @@ pub fn verify_standard(
     if candidates.is_empty() {
         return Err(VerifyError::NoStandardSignature);
     }
-    let mut mac = HmacSha256::new_from_slice(&key).expect("any key length");
-    mac.update(msg_id.as_bytes());
-    mac.update(b".");
-    mac.update(ts.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let matches = candidates.iter().any(|c| mac.clone().verify_slice(c).is_ok());
-    matches.then_some(()).ok_or(VerifyError::NoMatch)
+    matches_any(mac(&key, &[msg_id.as_bytes(), ts.to_string().as_bytes(), body]), &candidates)
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub(super) fn walk(db: &sled::Db) -> Result<Report, StoreError> {
                     if d.webhook_id != key.webhook {
                         problems.push(wrong(format!("its record names webhook {}", d.webhook_id)));
                     }
-                    seen.counts.entry(key.webhook).or_default()[status_index(d.status)] += 1;
+                    seen.counts.entry(key.webhook).or_default()[d.status.index()] += 1;
                     if let Some(at) = d.next_attempt_at.filter(|_| !d.status.is_final()) {
                         seen.waiting.insert(key, at.max(0) as u64);
                     }
@@ -237,7 +237,7 @@ fn cross_check(seen: &Seen, problems: &mut Vec<String>) {
         let stats = seen.stats.get(webhook);
         for status in Status::ALL {
             let counted = stats.map_or(0, |s| s.count(status));
-            let found = seen.counts.get(webhook).map_or(0, |c| c[status_index(status)]);
+            let found = seen.counts.get(webhook).map_or(0, |c| c[status.index()]);
             if counted != found {
                 problems.push(format!(
                     "webhook {webhook}: its stats count {counted} {} deliveries, {found} are stored",
@@ -246,10 +246,6 @@ fn cross_check(seen: &Seen, problems: &mut Vec<String>) {
             }
         }
     }
-}
-
-fn status_index(s: Status) -> usize {
-    Status::ALL.iter().position(|&x| x == s).expect("ALL holds every status")
 }
 
 fn delivery_name(key: DeliveryKey) -> String {

@@ -71,7 +71,7 @@ impl Status {
         self.is_final() || self == Status::Held
     }
 
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         self as usize
     }
 }
