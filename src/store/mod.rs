@@ -847,6 +847,20 @@ mod tests {
         out
     }
 
+    /// Ingests events 1, 2 and 3, each to every one of `webhooks`; their
+    /// deliveries' due entries, in order.
+    async fn ingest_three(store: &Store, webhooks: &[Uuid]) -> Vec<Due> {
+        let mut due = Vec::new();
+        for id in 1..=3 {
+            let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", webhooks)).await.unwrap()
+            else {
+                panic!("event {id} not accepted")
+            };
+            due.extend(d);
+        }
+        due
+    }
+
     /// Records an outcome without an attempt to show for it.
     async fn record_status(store: &Store, key: DeliveryKey, status: Status, next_attempt_at: Option<i64>) {
         record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at }).await;
@@ -918,14 +932,7 @@ mod tests {
         let moments = [0, later - 1, later, later + 999, later + 1000, u64::MAX / 2];
         {
             let store = Store::open(dir.path(), &OPTIONS).unwrap();
-            let mut due = Vec::new();
-            for id in 1..=3 {
-                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
-                else {
-                    panic!()
-                };
-                due.extend(d);
-            }
+            let due = ingest_three(&store, &webhooks).await;
             let now = clock::now_ms() as u64;
             assert_eq!(reads(&store).count_due(now).unwrap(), 9);
             assert_eq!(counted(&store, now), 0, "new deliveries have no due entries");
@@ -979,16 +986,10 @@ mod tests {
     async fn deliveries_never_attempted_are_indexed_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
         let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
-        let mut due = Vec::new();
+        let due;
         {
             let store = Store::open(dir.path(), &OPTIONS).unwrap();
-            for id in 1..=3 {
-                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
-                else {
-                    panic!()
-                };
-                due.extend(d);
-            }
+            due = ingest_three(&store, &webhooks).await;
             // The first event's deliveries are over: its range is dropped.
             for d in &due[..2] {
                 record_status(&store, d.key, Status::Succeeded, None).await;
@@ -1019,16 +1020,10 @@ mod tests {
     async fn a_full_check_names_each_kind_of_broken_record_or_reference() {
         let dir = tempfile::tempdir().unwrap();
         let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
-        let mut due = Vec::new();
+        let due;
         {
             let store = Store::open(dir.path(), &OPTIONS).unwrap();
-            for id in 1..=3 {
-                let Ingested::Accepted { due: d, .. } = store.ingest(new(id, "{}", &webhooks)).await.unwrap()
-                else {
-                    panic!()
-                };
-                due.extend(d);
-            }
+            due = ingest_three(&store, &webhooks).await;
             record_status(&store, due[0].key, Status::Retrying, Some(1 << 50)).await;
             record_status(&store, due[1].key, Status::Succeeded, None).await;
         }

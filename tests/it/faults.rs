@@ -258,6 +258,20 @@ fn storage_that_cannot_be_used_is_a_clear_startup_error() {
     assert!(stderr.contains("cannot create") && stderr.contains("not-a-dir/data"), "{stderr}");
 }
 
+/// Opens more idle connections than the daemon has descriptors, and waits
+/// until it has taken all it will; they stay open while the result lives.
+fn flood(d: &Daemon) -> Vec<Conn> {
+    let fillers: Vec<Conn> = (0..300).map(|_| Conn::open(&d.base)).collect();
+    let mut last = (0, 0);
+    wait_for("the daemon to stop taking connections", SETTLE, || {
+        let now = open_fds(d.pid());
+        last = if now == last.0 { (now, last.1 + 1) } else { (now, 0) };
+        std::thread::sleep(Duration::from_millis(40));
+        last.1 >= 5
+    });
+    fillers
+}
+
 #[test]
 fn idle_connections_at_the_cap_leave_descriptors_for_delivery_and_storage() {
     raise_own_nofile();
@@ -273,16 +287,7 @@ fn idle_connections_at_the_cap_leave_descriptors_for_delivery_and_storage() {
     // A client connected before the flood, as an application would be.
     let mut app = Conn::open(&d.base);
     assert_eq!(app.request("GET", "/healthz", "", SETTLE).map(|a| a.0), Some(200));
-    // More idle connections than descriptors; wait until the daemon has
-    // taken all it will.
-    let fillers: Vec<Conn> = (0..300).map(|_| Conn::open(&d.base)).collect();
-    let mut last = (0, 0);
-    wait_for("the daemon to stop taking connections", SETTLE, || {
-        let now = open_fds(d.pid());
-        last = if now == last.0 { (now, last.1 + 1) } else { (now, 0) };
-        std::thread::sleep(Duration::from_millis(40));
-        last.1 >= 5
-    });
+    let fillers = flood(&d);
     let body = format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#);
     let (status, answer) = app.request("POST", "/v1/events", &body, SETTLE).expect("an answer to the ingest");
     assert_eq!(status, 202, "{answer}");
@@ -320,14 +325,7 @@ fn a_sync_short_of_descriptors_waits_instead_of_stopping_the_daemon() {
     d.start_again();
     let mut app = Conn::open(&d.base);
     assert_eq!(app.request("GET", "/healthz", "", SETTLE).map(|a| a.0), Some(200));
-    let fillers: Vec<Conn> = (0..300).map(|_| Conn::open(&d.base)).collect();
-    let mut last = (0, 0);
-    wait_for("the daemon to take every descriptor it can", SETTLE, || {
-        let now = open_fds(d.pid());
-        last = if now == last.0 { (now, last.1 + 1) } else { (now, 0) };
-        std::thread::sleep(Duration::from_millis(40));
-        last.1 >= 5
-    });
+    let fillers = flood(&d);
     let body = format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#);
     std::thread::scope(|s| {
         let ingest = s.spawn(move || app.request("POST", "/v1/events", &body, Duration::from_secs(30)));

@@ -9,14 +9,20 @@ use crate::common::*;
 const W1: &str = "11111111-1111-4111-8111-111111111111";
 const EVENTS: usize = 300;
 
+/// A config whose one webhook fails, so that every event stays stored,
+/// waiting an hour for its retry.
+fn waiting(rx: &Receiver) -> String {
+    format!(
+        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
+    )
+}
+
 /// A daemon holding `EVENTS` acknowledged events that wait for a retry an
 /// hour away, stopped in order.
 fn stopped_with_waiting_events() -> (Daemon, Receiver) {
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
-    );
+    let cfg = waiting(&rx);
     let mut d = Daemon::start("", &cfg);
     for i in 0..EVENTS {
         let (status, v) =
@@ -161,10 +167,7 @@ fn files(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf
 #[test]
 fn a_backup_under_load_restores_one_moment_whole() {
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
-    );
+    let cfg = waiting(&rx);
     let mut d = Daemon::start("", &cfg);
     let backup = d.dir.path().join("backup");
     let acked = std::sync::Mutex::new(Vec::<(String, std::time::Instant)>::new());
@@ -227,10 +230,7 @@ fn a_backup_under_load_restores_one_moment_whole() {
 #[test]
 fn backup_and_restore_refuse_targets_that_are_not_empty() {
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/code/500/w"), r#"["*"]"#)
-    );
+    let cfg = waiting(&rx);
     let mut d = Daemon::start("", &cfg);
     assert_eq!(d.send("meeting.scheduled", CLIENT_A, "{}").0, 202);
     let (status, v) = d.post("/v1/storage/backup?to=relative/dir", "");
