@@ -10,20 +10,17 @@
 
 mod api;
 mod client;
-mod clock;
 mod config;
 mod deliver;
 mod dispatch;
-mod event;
 mod metrics;
 mod receive;
 mod retention;
-mod schedule;
 mod server;
-mod sign;
-mod store;
-mod target;
 mod tcp;
+
+use nexor_webhookd_core::{clock, event, schedule, sign, target};
+use nexor_webhookd_store as store;
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -443,6 +440,15 @@ fn max_connections(server: &config::Server, workers: usize, nofile: u64) -> usiz
     max
 }
 
+/// The store's report of a failure sled does not come back from (a failed
+/// write or sync, already logged): the process ends, and a fresh start
+/// (systemd's) reads what is on disk. Nothing the failure covered was
+/// acknowledged.
+fn stop_on_storage_failure(what: &str, e: &store::StoreError) {
+    eprintln!("nexor-webhookd: {what}: {e}; stopped, so that a fresh start reads what is on disk");
+    std::process::exit(1)
+}
+
 async fn serve(
     config_path: &Path,
     config: config::Config,
@@ -453,6 +459,7 @@ async fn serve(
         cache_capacity: config.storage.cache_capacity,
         min_free_space: config.storage.min_free_space,
         accept_data_loss,
+        on_failure: stop_on_storage_failure,
     };
     let store = store::Store::open(&config.storage.path, &options)?;
     let listen = config.server.listen;

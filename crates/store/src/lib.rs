@@ -23,6 +23,8 @@ mod durable;
 mod keys;
 mod records;
 
+use nexor_webhookd_core::{clock, event};
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use check::check_storage;
-use committer::{Callback, Committer, Op, Reply, Request, UnindexedGauge};
+use committer::{Callback, Committer, Failure, Op, Reply, Request, UnindexedGauge};
 pub use copy::Copied;
 pub use records::*;
 
@@ -88,6 +90,13 @@ pub struct Options {
     /// Open a store that holds less than was acknowledged (logging what is
     /// missing) instead of refusing it.
     pub accept_data_loss: bool,
+    /// Called once, from the store's own thread, when storage fails in a way
+    /// sled does not come back from: a failed write or sync. Nothing the
+    /// failure covered was acknowledged, but the batches it covered may be
+    /// applied in memory and not on disk, so only a fresh start (which reads
+    /// the disk) knows what to serve: the daemon ends the process here. If
+    /// it returns, the store refuses every request from then on.
+    pub on_failure: fn(what: &str, e: &StoreError),
 }
 
 impl StoreError {
@@ -357,6 +366,7 @@ impl Store {
             gauge: unindexed.clone(),
             mark: durable::Mark { commits: stored.commits, last_seq },
             liveness: liveness.clone(),
+            failure: Failure { first: Default::default(), report: options.on_failure },
         };
         // Before anything reads the due index, it must hold every delivery
         // waiting for an attempt.
@@ -790,7 +800,12 @@ mod tests {
     use crate::clock;
     use crate::event::EventType;
 
-    const OPTIONS: Options = Options { cache_capacity: 1 << 20, min_free_space: 0, accept_data_loss: false };
+    const OPTIONS: Options = Options {
+        cache_capacity: 1 << 20,
+        min_free_space: 0,
+        accept_data_loss: false,
+        on_failure: |_, _| {},
+    };
 
     fn record(data: &str, ts: Option<i64>) -> EventRecord {
         EventRecord {

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::store::{DeliveryKey, Due, Status};
+use crate::delivery::{DeliveryKey, Due, Status};
 
 /// Most due entries held in memory for one webhook at its in-flight limit.
 pub const HELD_MAX: usize = 1024;

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 
 use uuid::Uuid;
 
@@ -154,6 +154,25 @@ pub struct Committer {
     /// each batch (see `durable`).
     pub mark: Mark,
     pub liveness: Arc<super::Liveness>,
+    pub failure: Failure,
+}
+
+/// The first failure sled does not come back from, shared by the committer
+/// and the syncer: reported once (`Options::on_failure`), then every
+/// request is refused with it, never applied or synced.
+#[derive(Clone)]
+pub struct Failure {
+    pub first: Arc<OnceLock<StoreError>>,
+    pub report: fn(&str, &StoreError),
+}
+
+impl Failure {
+    fn happened(&self, what: &str, e: &StoreError) {
+        if self.first.set(e.clone()).is_ok() {
+            tracing::error!(error = %e, "{what}; stopping, so that a fresh start reads what is on disk");
+            (self.report)(what, e);
+        }
+    }
 }
 
 /// What readers may know of the unindexed deliveries: they are due, but
@@ -212,10 +231,11 @@ impl Committer {
     pub fn run(mut self, rx: mpsc::Receiver<Request>, syncer: Syncer) {
         let (to_sync, applied) = mpsc::sync_channel(SYNC_QUEUE);
         let db = self.db.clone();
+        let failure = self.failure.clone();
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("syncer".into())
-                .spawn_scoped(scope, move || sync_loop(db, syncer, applied))
+                .spawn_scoped(scope, move || sync_loop(db, syncer, applied, failure))
                 .expect("spawn the syncer");
             // A backup met while gathering a batch waits for the next turn.
             let mut held_back: Option<Request> = None;
@@ -223,7 +243,10 @@ impl Committer {
                 if let Op::Backup(to) = &first.op {
                     // Every batch before is applied (if not yet synced: the
                     // copy syncs itself); none after is, until this returns.
-                    let copied = copy::copy(&self.db, to, &self.liveness.copied);
+                    let copied = match self.failure.first.get() {
+                        Some(e) => Err(e.clone()),
+                        None => copy::copy(&self.db, to, &self.liveness.copied),
+                    };
                     if let Err(e) = &copied {
                         tracing::error!(error = %e, to = %to.display(), "backup failed");
                     }
@@ -259,6 +282,9 @@ impl Committer {
     /// Applies `requests` as one batch; returns their answers, to be given
     /// once the batch is synced.
     fn commit(&mut self, requests: Vec<Request>) -> Answers {
+        if let Some(e) = self.failure.first.get() {
+            return requests.into_iter().map(|r| (Err(e.clone()), r.reply)).collect();
+        }
         let mut p = Pending::default();
         let seq_before = self.last_seq;
         // Each write must fit on its own, counting what the batch has taken
@@ -283,13 +309,14 @@ impl Committer {
                 // Nothing of this batch is applied or acknowledged. But sled
                 // is unusable after a failed write: seen with ENOSPC, its
                 // next flush waits forever, and so would every request after
-                // it. Refuse this batch, then stop; systemd starts the
-                // daemon again, on what is on disk.
+                // it. Refuse this batch and report: the daemon stops, and
+                // systemd starts it again, on what is on disk.
                 self.last_seq = seq_before;
                 for (_, reply) in answers {
                     reply(Err(e.clone()));
                 }
-                stop_on_storage_failure("storage write failed", &e);
+                self.failure.happened("storage write failed", &e);
+                Vec::new()
             }
         }
     }
@@ -759,21 +786,24 @@ const SYNC_QUEUE: usize = 0;
 
 /// Syncs and answers: every batch waiting when a sync begins is covered by
 /// it, and the ledger records the last of them (`mark`) once it is durable.
-/// A failed sync fails every request it covered, then stops the process
-/// (systemd starts it again). What a failed `fdatasync` left on disk is
+/// A failed sync fails every request it covered, and is reported so that
+/// the daemon stops (systemd starts it again). What a failed `fdatasync` left on disk is
 /// unknown, while the batches it covered are applied in memory: going on
 /// would serve state that may not be on disk (a retried event_id found as a
 /// duplicate though it was never stored) and leave applied deliveries that
 /// nobody was told of. A fresh start reads back only what is on disk and
 /// indexes what waits.
-fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers, Mark)>) {
+fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers, Mark)>, failure: Failure) {
     while let Ok((first, mut mark)) = applied.recv() {
         let mut answers = first;
         while let Ok((more, later)) = applied.try_recv() {
             answers.extend(more);
             mark = later;
         }
-        let synced = syncer.sync(&db, mark);
+        let synced = match failure.first.get() {
+            Some(e) => Err(e.clone()),
+            None => syncer.sync(&db, mark),
+        };
         for (answer, reply) in answers {
             reply(match &synced {
                 Ok(_) => answer,
@@ -781,17 +811,9 @@ fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers,
             });
         }
         if let Err(e) = synced {
-            stop_on_storage_failure("storage sync failed", &e);
+            failure.happened("storage sync failed", &e);
         }
     }
-}
-
-/// Ends the process after storage failed in a way sled does not come back
-/// from; nothing the failure covered was acknowledged.
-fn stop_on_storage_failure(what: &str, e: &StoreError) -> ! {
-    tracing::error!(error = %e, "{what}; stopping, so that a fresh start reads what is on disk");
-    eprintln!("nexor-webhookd: {what}: {e}; stopped, so that a fresh start reads what is on disk");
-    std::process::exit(1)
 }
 
 /// Whether `free` bytes (if known) leave the `needed` room for a write.
