@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod schedule;
