@@ -39,7 +39,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -50,6 +50,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use clap::{Parser, ValueEnum};
 use http_body_util::BodyExt;
+use nexor_webhookd_harness::{Process, Server, Stopped};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -1067,7 +1068,7 @@ impl<'a> Bench<'a> {
             bin: self.bin.clone(),
             base: format!("http://127.0.0.1:{port}"),
             dir,
-            child: None,
+            process: None,
         };
         let took = d.launch()?;
         eprintln!("{name}: daemon healthy after {:.0} ms", ms(took));
@@ -1129,13 +1130,7 @@ struct Daemon {
     bin: PathBuf,
     dir: PathBuf,
     base: String,
-    child: Option<Child>,
-}
-
-struct Stopped {
-    took: Duration,
-    status: ExitStatus,
-    killed: bool,
+    process: Option<Process>,
 }
 
 impl Daemon {
@@ -1157,78 +1152,31 @@ impl Daemon {
 
     /// Spawns the process and waits for `/healthz`; returns how long that took.
     fn launch(&mut self) -> Result<Duration> {
-        let log = OpenOptions::new().create(true).append(true).open(self.log())?;
-        let started = Instant::now();
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        command
             .arg("run")
             .arg("--config")
             .arg(self.config())
             // The daemon logs each attempt at info level; at these rates
             // that would measure logging, and bury warnings in the log.
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        let child = self.child.insert(child);
-        let agent = client_agent(Duration::from_secs(2));
+            .env("RUST_LOG", "warn");
         let health = format!("{}/healthz", self.base);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                bail!(
-                    "{}: daemon exited with {status} while starting; log: {}",
-                    self.name,
-                    self.log().display()
-                );
-            }
-            if let Ok(resp) = agent.get(&health).call() {
-                if resp.status() == 200 {
-                    return Ok(started.elapsed());
-                }
-            }
-            if started.elapsed() > START_LIMIT {
-                bail!(
-                    "{}: daemon not healthy after {START_LIMIT:?}; log: {}",
-                    self.name,
-                    self.log().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (process, took) =
+            Process::start(command, &self.log(), &health, START_LIMIT).with_context(|| {
+                format!("{}: {}; log: {}", self.name, self.bin.display(), self.log().display())
+            })?;
+        self.process = Some(process);
+        Ok(took)
     }
 
     fn proc(&self) -> Result<ProcStats> {
-        let child = self.child.as_ref().context("daemon not running")?;
-        proc_stats(child.id())
+        let pid = self.process.as_ref().and_then(Process::pid).context("daemon not running")?;
+        proc_stats(pid)
     }
 
     /// SIGTERM, then wait; killed if it outlasts [`STOP_LIMIT`].
     fn stop(&mut self) -> Result<Stopped> {
-        let mut child = self.child.take().context("daemon not running")?;
-        let t = Instant::now();
-        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(Stopped { took: t.elapsed(), status, killed: false });
-            }
-            if t.elapsed() > STOP_LIMIT {
-                child.kill()?;
-                return Ok(Stopped { took: t.elapsed(), status: child.wait()?, killed: true });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        Ok(self.process.take().context("daemon not running")?.stop(STOP_LIMIT)?)
     }
 }
 
@@ -1516,9 +1464,8 @@ struct Flaky {
 /// (36–37% of a core for load generator and receiver at full speed, against
 /// 35% with one).
 struct Receiver {
-    base: String,
+    server: Server,
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// The receiver's state, shared with its handler.
@@ -1532,30 +1479,15 @@ struct Shared {
 
 impl Receiver {
     fn start() -> Result<Receiver> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("receiver")
-            .enable_all()
-            .build()?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let base = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Shared::default());
         let app = axum::Router::new().fallback(receive).with_state(shared.clone());
-        runtime.spawn(async move {
-            let served = match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => axum::serve(l, app).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = served {
-                eprintln!("loadtest: receiver stopped: {e}");
-            }
-        });
-        Ok(Receiver { base, shared, runtime: Some(runtime) })
+        // Held `/hang/` requests do not keep its drop waiting: the server
+        // stops its runtime in the background.
+        Ok(Receiver { server: Server::start(app, 1)?, shared })
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.server.url(path)
     }
 
     /// Returns what was seen so far and starts counting afresh.
@@ -1601,15 +1533,6 @@ impl Receiver {
                 said = Instant::now();
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        // Held `/hang/` requests would otherwise keep the runtime's drop waiting.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
         }
     }
 }

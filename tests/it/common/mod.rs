@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use nexor_webhookd_harness::{Process, Server, StartError};
 use serde_json::Value;
 
 pub const CLIENT_A: &str = "6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10";
@@ -59,6 +60,13 @@ impl Hit {
 #[derive(Clone)]
 pub struct Receiver {
     pub base: String,
+    server: Arc<Server>,
+    seen: Seen,
+}
+
+/// What the receiver has seen, and its gate: the handler's state.
+#[derive(Clone)]
+struct Seen {
     hits: Arc<Mutex<Vec<Hit>>>,
     counts: Arc<Mutex<HashMap<String, u64>>>,
     gate: Arc<tokio::sync::watch::Sender<bool>>,
@@ -66,34 +74,24 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
         let gate = Arc::new(tokio::sync::watch::Sender::new(false));
-        let r = Receiver { base, hits: Default::default(), counts: Default::default(), gate };
-        let state = r.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(answer).with_state(state);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        r
+        let seen = Seen { hits: Default::default(), counts: Default::default(), gate };
+        let app = axum::Router::new().fallback(answer).with_state(seen.clone());
+        let server = Arc::new(Server::start(app, 1).expect("start a receiver"));
+        Receiver { base: server.base.clone(), server, seen }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        self.server.url(path)
     }
 
     /// Opens or closes the gate `/gate/…` requests wait for.
     pub fn set_gate(&self, open: bool) {
-        self.gate.send_replace(open);
+        self.seen.gate.send_replace(open);
     }
 
     pub fn hits(&self) -> Vec<Hit> {
-        self.hits.lock().unwrap().clone()
+        self.seen.hits.lock().unwrap().clone()
     }
 
     pub fn hits_on(&self, path: &str) -> Vec<Hit> {
@@ -101,7 +99,7 @@ impl Receiver {
     }
 }
 
-async fn answer(State(r): State<Receiver>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn answer(State(r): State<Seen>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_owned();
     let n = {
         let mut counts = r.counts.lock().unwrap();
@@ -204,7 +202,7 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// The daemon's `RLIMIT_NOFILE` (soft, hard), when the test sets one.
     pub nofile: Option<(u64, u64)>,
-    child: Option<Child>,
+    process: Option<Process>,
     agent: ureq::Agent,
 }
 
@@ -241,7 +239,7 @@ impl Daemon {
             run_args: Vec::new(),
             env: Vec::new(),
             nofile: None,
-            child: None,
+            process: None,
             agent,
         };
         d.write_config(rest);
@@ -267,8 +265,7 @@ impl Daemon {
 
     /// Sends a signal to the running daemon.
     pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("daemon running").id();
-        unsafe { libc::kill(pid as i32, sig) };
+        self.process.as_ref().expect("daemon running").signal(sig);
     }
 
     /// Waits until the daemon's log contains `text` `count` times in all.
@@ -295,11 +292,6 @@ impl Daemon {
     /// Starts the daemon and waits until it is healthy; its exit code if it
     /// exits first. Panics if neither happens within `limit`.
     fn try_spawn(&mut self, limit: Duration) -> Result<(), Option<i32>> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .unwrap();
         // systemd's watchdog variables name the daemon's own pid, known only
         // once it runs: a shell sets WATCHDOG_PID to its pid and execs the
         // daemon in its place.
@@ -315,9 +307,7 @@ impl Daemon {
             .arg(self.config_path())
             .args(&self.run_args)
             .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some((soft, hard)) = self.nofile {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
@@ -329,27 +319,21 @@ impl Daemon {
                 });
             }
         }
-        let child = command.spawn().unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                self.child = None;
-                return Err(status.code());
+        let log = self.dir.path().join("daemon.log");
+        match Process::start(command, &log, &format!("{}/healthz", self.base), limit) {
+            Ok((process, _)) => {
+                self.process = Some(process);
+                Ok(())
             }
-            if self.get("/healthz").0 == 200 {
-                return Ok(());
-            }
-            assert!(Instant::now() < deadline, "daemon not healthy in time:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+            Err(StartError::Exited(status)) => Err(status.code()),
+            Err(e) => panic!("{e}:\n{}", self.log()),
         }
     }
 
     /// SIGKILL: no chance to flush or finish anything.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
+        if let Some(p) = self.process.take() {
+            p.kill();
         }
     }
 
@@ -361,12 +345,12 @@ impl Daemon {
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         self.signal(libc::SIGTERM);
-        self.child.take()?.wait().unwrap().code()
+        self.process.take()?.terminate().unwrap().code()
     }
 
     /// Starts the daemon again after `terminate` or `kill9`.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "still running");
+        assert!(self.process.is_none(), "still running");
         self.spawn();
     }
 
@@ -382,7 +366,7 @@ impl Daemon {
     /// Starts the daemon: `(None, "")` once it is healthy (and running), or
     /// its exit code and what it logged during this start if it exits first.
     pub fn start_failing_or_ready(&mut self, limit: Duration) -> (Option<i32>, String) {
-        assert!(self.child.is_none(), "still running");
+        assert!(self.process.is_none(), "still running");
         let before = self.log().len();
         match self.try_spawn(limit) {
             Ok(()) => (None, String::new()),
@@ -405,13 +389,13 @@ impl Daemon {
 
     /// The running daemon's process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon running").id()
+        self.process.as_ref().and_then(Process::pid).expect("daemon running")
     }
 
     /// Whether the daemon process has exited (reaping it if so); its exit code.
     pub fn exited(&mut self) -> Option<Option<i32>> {
-        let status = self.child.as_mut()?.try_wait().unwrap()?;
-        self.child = None;
+        let status = self.process.as_mut()?.exited()?;
+        self.process = None;
         Some(status.code())
     }
 
