@@ -17,7 +17,6 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -164,18 +163,8 @@ impl Transport for Link {
 
     /// Open and quiet: no end of stream and no bytes nobody asked for.
     fn is_open(&mut self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: the descriptor is owned by `self.stream`, alive for this
-        // call, and the buffer is one byte we own.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && io::Error::last_os_error().kind() == ErrorKind::WouldBlock
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        matches!(rustix::net::recv(&self.stream, &mut [0u8; 1], flags), Err(rustix::io::Errno::WOULDBLOCK))
     }
 }
 

@@ -56,7 +56,7 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
         webhook(W3, CLIENT_A, &rx.url("/ok/w3"), r#"["meeting.scheduled"]"#)
     );
     d.write_config(&after);
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 1);
     let ev = d.event(&first);
     assert_eq!(delivery_to(&ev, W2)["status"], "held", "{ev}");
@@ -71,7 +71,7 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
 
     // A broken file is refused; the running config keeps working.
     d.write_config("[delivery]\nretry_schedule = [\"soon\"]\n");
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("reload refused", 1);
     assert!(d.log().contains("retry_schedule: \"soon\" is not a duration"));
     let (status, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
@@ -87,7 +87,7 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
             .replace("listen = \"127.0.0.1:", "listen = \"127.0.0.2:"),
     )
     .unwrap();
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 2);
     assert!(d.log().contains("take effect only after a restart"));
     assert_eq!(d.get("/healthz").0, 200, "still serving on the old address");
@@ -95,7 +95,7 @@ fn sighup_applies_webhook_changes_live_and_survives_a_bad_file() {
     // W2 back, mended: its held delivery is due again, and goes out.
     let back = format!("{after}{}", webhook(W2, CLIENT_A, &rx.url("/ok/w2-back"), r#"["*"]"#));
     d.write_config(&back);
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 3);
     // Its listen is the one the daemon runs on again: nothing waits for a
     // restart (compared with what runs, not with the last file).
@@ -133,12 +133,12 @@ fn a_config_caught_half_written_destroys_nothing() {
     };
     // Empty.
     std::fs::write(d.config_path(), "").unwrap();
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     refused(1);
     assert!(d.log().contains("is empty"));
     // Only its first section: valid, but without a single webhook.
     d.write_config(delivery);
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     refused(2);
     assert!(d.log().contains("would remove all 2"));
     let (status, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
@@ -150,14 +150,14 @@ fn a_config_caught_half_written_destroys_nothing() {
     // Cut inside the second webhook's table: W2 gone for now, held.
     let cut = &good[..good.rfind("[[webhooks]]").unwrap()];
     d.write_config(cut);
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 1);
     for id in &waiting {
         assert_eq!(delivery_to(&d.event(id), W2)["status"], "held");
     }
     // The whole file back (W2 mended meanwhile): everything is delivered.
     d.write_config(&good.replace("/fail/w2", "/ok/w2"));
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 2);
     for id in &waiting {
         d.wait_settled(id, &["succeeded"], SETTLE);
@@ -182,7 +182,7 @@ fn held_deliveries_are_cancelled_on_request_only() {
     let id = d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned();
     d.wait_settled(&id, &["succeeded", "retrying"], SETTLE);
     d.write_config(&format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)));
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 1);
     assert_eq!(delivery_to(&d.event(&id), W2)["status"], "held");
     let out = std::process::Command::new(bin())
@@ -211,7 +211,7 @@ fn a_reload_holds_deliveries_never_attempted_too() {
         .map(|_| d.send("meeting.scheduled", CLIENT_A, "{}").1["event_id"].as_str().unwrap().to_owned())
         .collect();
     d.write_config(&format!("{delivery}{}", webhook(W2, CLIENT_A, &rx.url("/ok/w2"), r#"["*"]"#)));
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 1);
     let statuses: Vec<Value> = ids.iter().map(|id| delivery_to(&d.event(id), W1)["status"].clone()).collect();
     let held = statuses.iter().filter(|s| *s == "held").count();
@@ -224,7 +224,7 @@ fn a_reload_holds_deliveries_never_attempted_too() {
     assert!(rx.hits_on("/gate/w1").len() <= 1, "nothing held was sent");
     // W1 back: every one of them is delivered.
     d.write_config(&format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/gate/w1"), r#"["*"]"#)));
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 2);
     for id in &ids {
         d.wait_settled(id, &["succeeded"], SETTLE);
@@ -401,7 +401,7 @@ fn retention_prunes_final_deliveries_and_their_events() {
     d.wait_settled(&waiting, &["retrying"], SETTLE);
     let text = std::fs::read_to_string(d.config_path()).unwrap();
     std::fs::write(d.config_path(), text.replace("[storage]\n", "[storage]\nretention = \"1s\"\n")).unwrap();
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     wait_for("the finished event to be pruned", SETTLE, || d.get(&format!("/v1/events/{done}")).0 == 404);
     assert_eq!(d.get(&format!("/v1/events/{waiting}")).0, 200, "a delivery still retrying is kept");
     let (_, w) = d.get(&format!("/v1/webhooks/{W1}"));
@@ -475,12 +475,12 @@ fn a_reload_cannot_open_an_api_bound_off_loopback() {
     // still on every address, so the file is refused. So is an empty one.
     d.write_config(&hooks.replace("[delivery]", "[delivery]\ntimeout = \"3s\""));
     edit(&d, "api_token = \"t0ken-off-loopback\"", "");
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("reload refused", 1);
     assert!(d.log().contains("the API would be open"), "{}", d.log());
     shut(&d);
     std::fs::write(d.config_path(), "").unwrap();
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("reload refused", 2);
     shut(&d);
 
@@ -488,7 +488,7 @@ fn a_reload_cannot_open_an_api_bound_off_loopback() {
     d.write_config(&hooks);
     edit(&d, "[server]\n", "[server]\napi_token = \"t0ken-rotated\"\n");
     edit(&d, "api_token = \"t0ken-off-loopback\"", "");
-    d.signal(libc::SIGHUP);
+    d.signal(Signal::HUP);
     d.wait_log("config reloaded", 1);
     shut(&d);
     assert_eq!(d.request("GET", "/v1/webhooks", Some("t0ken-off-loopback"), None).0, 401);

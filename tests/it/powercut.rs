@@ -324,7 +324,7 @@ fn every_acknowledged_event_survives_power_cuts() {
         if cut % 5 == 3 || rng.below(6) == 0 {
             // A reload (the same file again) in between: the cut may follow it closely.
             d.write_config(&cfg);
-            d.signal(libc::SIGHUP);
+            d.signal(Signal::HUP);
             reloads += 1;
             d.wait_log("config reloaded", reloads);
         }

@@ -12,6 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::Pid;
+pub use rustix::process::Signal;
+
 /// How often a start or a stop looks at the child again.
 const LOOK_EVERY: Duration = Duration::from_millis(10);
 
@@ -97,12 +100,11 @@ impl Process {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends `signal` to the process, if it runs.
-    pub fn signal(&self, signal: i32) {
-        if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on our own child, which is not reaped yet (a
-            // reaped child is `None`), so the pid cannot be someone else's.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
+    /// Sends `signal` to the process, if it runs. Its pid cannot be
+    /// someone else's: a reaped child is `None` here.
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.child.as_ref().map(Pid::from_child) {
+            let _ = rustix::process::kill_process(pid, signal);
         }
     }
 
@@ -116,7 +118,7 @@ impl Process {
     /// SIGTERM, then waits for the exit; SIGKILL if it outlasts `limit`.
     pub fn stop(mut self, limit: Duration) -> std::io::Result<Stopped> {
         let started = Instant::now();
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         let mut child = self.child.take().ok_or_else(|| std::io::Error::other("not running"))?;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -132,7 +134,7 @@ impl Process {
 
     /// SIGTERM, then waits for the exit however long it takes.
     pub fn terminate(mut self) -> std::io::Result<ExitStatus> {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         self.child.take().ok_or_else(|| std::io::Error::other("not running"))?.wait()
     }
 

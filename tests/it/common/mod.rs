@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+pub use nexor_webhookd_harness::Signal;
 use nexor_webhookd_harness::{Process, Server, StartError};
 use serde_json::Value;
 
@@ -264,7 +265,7 @@ impl Daemon {
     }
 
     /// Sends a signal to the running daemon.
-    pub fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: Signal) {
         self.process.as_ref().expect("daemon running").signal(sig);
     }
 
@@ -344,7 +345,6 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        self.signal(libc::SIGTERM);
         self.process.take()?.terminate().unwrap().code()
     }
 
