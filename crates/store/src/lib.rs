@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use check::check_storage;
-use committer::{Callback, Committer, Failure, Op, Reply, Request, UnindexedGauge};
+use committer::{Committer, Failure, Op, Request, Then, UnindexedGauge};
 pub use copy::Copied;
 pub use records::*;
 
@@ -392,36 +392,43 @@ impl Store {
         Ok(Store { inner: Arc::new(inner) })
     }
 
-    /// Hands `op` to the committer; `reply` is always called, exactly once.
-    fn send(&self, op: Op, reply: Callback) {
+    /// Hands the request `ask` makes to the committer; `then` is always
+    /// called, exactly once, with its answer.
+    fn send<T, R: Into<Request>>(
+        &self,
+        ask: impl FnOnce(Then<T>) -> R,
+        then: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) {
         let live = self.inner.liveness.clone();
         live.asked.fetch_add(1, Ordering::Relaxed);
-        let reply: Callback = Box::new(move |r| {
+        let request = ask(Box::new(move |r| {
             live.answered.fetch_add(1, Ordering::Relaxed);
-            reply(r)
-        });
-        let request = Request { op, reply };
+            then(r)
+        }))
+        .into();
         let unsent = match &self.inner.requests {
             Some(requests) => requests.send(request).err().map(|e| e.0),
             None => Some(request),
         };
         if let Some(r) = unsent {
-            (r.reply)(Err(StoreError::Closed));
+            r.refuse(StoreError::Closed);
         }
     }
 
-    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+    /// [`Store::send`], waiting for the answer.
+    async fn call<T: Send + 'static, R: Into<Request>>(
+        &self,
+        request: impl FnOnce(Then<T>) -> R,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.send(op, Box::new(move |r| drop(tx.send(r))));
+        self.send(request, move |r| drop(tx.send(r)));
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an event and its deliveries; answers once they are on disk.
     #[cfg(test)]
     pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.ingest_then(event, move |r| drop(tx.send(r)));
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.call(|then| Op::Ingest(event, then)).await
     }
 
     /// Like [`Store::ingest`], but `then` is called (on the committer's
@@ -432,27 +439,19 @@ impl Store {
         event: NewEvent,
         then: impl FnOnce(Result<Ingested, StoreError>) + Send + 'static,
     ) {
-        self.send(
-            Op::Ingest(event),
-            Box::new(move |r| {
-                then(r.map(|reply| match reply {
-                    Reply::Ingested(i) => i,
-                    _ => unreachable!("the committer answers each op in kind"),
-                }))
-            }),
-        );
+        self.send(|t| Op::Ingest(event, t), then);
     }
 
     /// Records an attempt's outcome without waiting: `then` is called (on the
     /// committer's thread, so it must be quick) once it is on disk or failed.
     pub fn record_then(&self, outcome: Outcome, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        self.send(Op::Record(outcome), Box::new(move |r| then(r.map(drop))));
+        self.send(|t| Op::Record(outcome, t), then);
     }
 
     /// Takes a due entry whose records cannot be read out of the due index
     /// (they stay stored, listed under `Z`); `then` runs once that is on disk.
     pub fn set_aside(&self, due: Due, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        self.send(Op::SetAside(due), Box::new(move |r| then(r.map(drop))));
+        self.send(|t| Op::SetAside(due, t), then);
     }
 
     /// Gives those of `keys` that have no due entry yet (deliveries never
@@ -463,15 +462,7 @@ impl Store {
         keys: Vec<DeliveryKey>,
         then: impl FnOnce(Result<Vec<Due>, StoreError>) + Send + 'static,
     ) {
-        self.send(
-            Op::Index(keys),
-            Box::new(move |r| {
-                then(r.map(|reply| match reply {
-                    Reply::Queued(due) => due,
-                    _ => unreachable!("the committer answers each op in kind"),
-                }))
-            }),
-        );
+        self.send(|t| Op::Index(keys, t), then);
     }
 
     /// Queues the deliveries among `keys` whose status is in `from` for an
@@ -481,10 +472,7 @@ impl Store {
         keys: Vec<DeliveryKey>,
         from: &'static [Status],
     ) -> Result<Vec<Due>, StoreError> {
-        match self.call(Op::Requeue { keys, from }).await? {
-            Reply::Queued(due) => Ok(due),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Op::Requeue { keys, from, then }).await
     }
 
     /// Cancels those of `keys` still waiting for an attempt or held, and
@@ -513,35 +501,22 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut n = 0;
         for chunk in keys.chunks(1000) {
-            n += self.count(Op::Stop { keys: chunk.to_vec(), webhooks: Vec::new(), to }).await?;
+            n += self.call(|then| Op::Stop { keys: chunk.to_vec(), webhooks: Vec::new(), to, then }).await?;
         }
-        Ok(n + self.count(Op::Stop { keys: Vec::new(), webhooks, to }).await?)
+        Ok(n + self.call(|then| Op::Stop { keys: Vec::new(), webhooks, to, then }).await?)
     }
 
     /// Deletes the events among `seqs` (ascending) whose deliveries are all
     /// final, as far as one batch's writes go: see [`Pruned::through`].
     pub async fn prune(&self, seqs: Vec<u64>) -> Result<Pruned, StoreError> {
-        match self.call(Op::Prune(seqs)).await? {
-            Reply::Pruned(p) => Ok(p),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Op::Prune(seqs, then)).await
     }
 
     /// Copies the whole store, as it stands after every batch acknowledged
     /// so far, into a new store directory at `to` (absolute; absent or
     /// empty). Ingest waits while the copy is written.
     pub async fn backup(&self, to: PathBuf) -> Result<Copied, StoreError> {
-        match self.call(Op::Backup(to)).await? {
-            Reply::Copied(c) => Ok(c),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
-    }
-
-    async fn count(&self, op: Op) -> Result<usize, StoreError> {
-        match self.call(op).await? {
-            Reply::Count(n) => Ok(n),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Request::Backup(to, then)).await
     }
 
     /// Runs `f` on tokio's blocking pool and waits for its answer without
