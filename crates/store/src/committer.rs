@@ -7,22 +7,12 @@
 //! read-modify-write of deliveries, webhook stats and the per-second counts
 //! of the due index, all without locks.
 //!
-//! A new delivery gets no due entry (`Q`): the dispatcher is handed it from
-//! the ingest's answer and holds it in memory, and most deliveries have their
-//! first outcome recorded milliseconds later, which would delete the entry
-//! again; leaving out those two writes and their `H` count changes cut the
-//! daemon's CPU per event by about a tenth at full speed. Instead the
-//! committer keeps such *unindexed* deliveries in memory, and each batch
-//! that stores new deliveries writes one `F` key covering its events; the
-//! key goes in the batch where the last of them stops being unindexed. That
-//! happens at its first outcome, a cancellation, a set-aside, or an
-//! [`Op::Index`], which the dispatcher sends for one it lets go from memory.
-//! At start, before anything else, the deliveries of every `F` range left by
-//! the previous run get their due entries.
+//! A new delivery gets no due entry (`Q`) but is *unindexed*, covered by its
+//! batch's `F` range: why, and the rules the committer keeps for it, are in
+//! [`unindexed`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 
 use uuid::Uuid;
@@ -30,6 +20,7 @@ use uuid::Uuid;
 use super::copy::{self, Copied};
 use super::durable::{Mark, Syncer};
 use super::records::*;
+use super::unindexed::{self, Unindexed};
 use super::{codec, keys, Pruned, StoreError};
 use crate::clock;
 
@@ -191,11 +182,8 @@ pub struct Committer {
     /// Due-index entries per second of due time, loaded on first use and
     /// written with each batch; a second is forgotten once it holds none.
     pub due_counts: HashMap<u64, u64>,
-    /// Deliveries without a due entry, each with the `F` range it is in.
-    pub unindexed: HashMap<DeliveryKey, u64>,
-    /// How many unindexed deliveries each `F` range (by first seq) still has.
-    pub ranges: BTreeMap<u64, usize>,
-    pub gauge: Arc<UnindexedGauge>,
+    /// The new deliveries without a due entry (see [`unindexed`]).
+    pub unindexed: Unindexed,
     /// Batches applied so far and the last event seq, written as `C` with
     /// each batch (see `durable`).
     pub mark: Mark,
@@ -221,16 +209,6 @@ impl Failure {
     }
 }
 
-/// What readers may know of the unindexed deliveries: they are due, but
-/// not in the due index.
-#[derive(Default)]
-pub struct UnindexedGauge {
-    pub count: AtomicUsize,
-    /// The first seq of the oldest `F` range still open, 0 if none: about
-    /// when the oldest of them was stored.
-    pub oldest_seq: AtomicU64,
-}
-
 /// Writes of one batch, readable before they are applied so that later
 /// requests in the same batch see earlier ones.
 #[derive(Default)]
@@ -240,10 +218,8 @@ struct Pending {
     stats: HashSet<Uuid>,
     /// Seconds whose due count changed in this batch.
     due_counts: HashSet<u64>,
-    /// Deliveries of this batch's events, stored without a due entry.
-    unindexed_new: HashSet<DeliveryKey>,
-    /// Deliveries that stopped being unindexed in this batch.
-    indexed: HashSet<DeliveryKey>,
+    /// What this batch did to the unindexed deliveries.
+    unindexed: unindexed::Changes,
 }
 
 impl Pending {
@@ -376,7 +352,7 @@ impl Committer {
 
     /// Applies `p` as one sled batch, with the stats, due counts and `F`
     /// ranges it changed; on failure, forgets those changes.
-    fn write(&mut self, mut p: Pending) -> Result<(), StoreError> {
+    fn write(&mut self, p: Pending) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for w in &p.stats {
             batch.insert(&keys::stats(w)[..], codec::encode(&self.stats[w]));
@@ -387,15 +363,7 @@ impl Committer {
                 n => batch.insert(&keys::due_count(*second)[..], &n.to_be_bytes()[..]),
             }
         }
-        let ranges = self.ranges_after(&mut p);
-        for (first, left) in &ranges.left {
-            if *left == 0 {
-                batch.remove(&keys::fresh_range(*first)[..]);
-            }
-        }
-        if let Some((first, last, _)) = ranges.new {
-            batch.insert(&keys::fresh_range(first)[..], &last.to_be_bytes()[..]);
-        }
+        let ranges = self.unindexed.write(p.unindexed, &mut batch);
         for (k, v) in p.overlay {
             match v {
                 Some(v) => batch.insert(k, v),
@@ -423,69 +391,16 @@ impl Committer {
                 self.due_counts.remove(second);
             }
         }
-        for key in &p.indexed {
-            self.unindexed.remove(key);
-        }
-        for (first, left) in ranges.left {
-            match left {
-                0 => self.ranges.remove(&first),
-                n => self.ranges.insert(first, n),
-            };
-        }
-        if let Some((first, _, left)) = ranges.new {
-            self.unindexed.extend(p.unindexed_new.into_iter().map(|k| (k, first)));
-            self.ranges.insert(first, left);
-        }
-        self.gauge.count.store(self.unindexed.len(), Ordering::Relaxed);
-        self.gauge.oldest_seq.store(self.ranges.keys().next().copied().unwrap_or(0), Ordering::Relaxed);
+        self.unindexed.applied(ranges);
         Ok(())
-    }
-
-    /// What `p` does to the `F` ranges: the new counts of those it touches,
-    /// and the range of its own events, if it leaves any delivery unindexed.
-    /// Drops from `p.unindexed_new` the deliveries indexed in the same batch.
-    fn ranges_after(&self, p: &mut Pending) -> RangeChanges {
-        let mut left = HashMap::new();
-        for key in &p.indexed {
-            if let Some(first) = self.unindexed.get(key) {
-                *left.entry(*first).or_insert(self.ranges[first]) -= 1;
-            }
-        }
-        p.unindexed_new.retain(|k| !p.indexed.contains(k));
-        let seqs = p.unindexed_new.iter().map(|k| k.seq);
-        let new = match (seqs.clone().min(), seqs.max()) {
-            (Some(first), Some(last)) => Some((first, last, p.unindexed_new.len())),
-            _ => None,
-        };
-        RangeChanges { left, new }
-    }
-
-    /// Whether `key` has no due entry because it was never indexed; if so,
-    /// it stops being unindexed with this batch (its caller gives it an
-    /// entry, or it no longer needs one).
-    fn settle_unindexed(&self, p: &mut Pending, key: DeliveryKey) -> bool {
-        let unindexed = !p.indexed.contains(&key)
-            && (self.unindexed.contains_key(&key) || p.unindexed_new.contains(&key));
-        if unindexed {
-            p.indexed.insert(key);
-        }
-        unindexed
     }
 
     /// Gives every delivery that the last run left unindexed its due entry,
     /// one `F` range per batch; returns how many. Called once, before the
-    /// committer runs.
+    /// committer runs (see [`unindexed`]).
     pub fn index_leftovers(&mut self) -> Result<usize, StoreError> {
-        let ranges: Vec<(u64, u64)> = self
-            .db
-            .scan_prefix([keys::FRESH_RANGE])
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((keys::u64_at(&k, 1), keys::u64_value(&k, &v)?))
-            })
-            .collect::<Result<_, StoreError>>()?;
         let mut indexed = 0;
-        for (first, last) in ranges {
+        for (first, last) in unindexed::left_open(&self.db)? {
             // sled must not meet a full disk, here either.
             room(free_bytes(&self.dir), self.min_free / 4)?;
             let mut p = Pending::default();
@@ -527,8 +442,7 @@ impl Committer {
             Op::Record(o, then) => applied(self.record(p, o), then),
             Op::Requeue { keys, from, then } => applied(self.requeue(p, keys, from), then),
             Op::Stop { mut keys, webhooks, to, then } => {
-                let unindexed = self.unindexed.keys().chain(&p.unindexed_new);
-                keys.extend(unindexed.filter(|k| webhooks.contains(&k.webhook)));
+                keys.extend(self.unindexed.to_webhooks(&p.unindexed, &webhooks));
                 applied(self.stop(p, keys, to), then)
             }
             Op::Prune(seqs, then) => applied(self.prune(p, seqs), then),
@@ -539,7 +453,7 @@ impl Committer {
 
     fn set_aside(&mut self, p: &mut Pending, due: Due) -> Result<(), StoreError> {
         // The dispatcher's entry may be stale (gone from the index).
-        if !self.settle_unindexed(p, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
+        if !self.unindexed.settle(&mut p.unindexed, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
             self.remove_due(p, due)?;
         }
         p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
@@ -581,7 +495,7 @@ impl Committer {
                 round_start: 0,
             };
             p.insert(&keys::delivery(key), codec::encode(&record));
-            p.unindexed_new.insert(key);
+            p.unindexed.stored(key);
             due.push(Due { at_ms: now.max(0) as u64, key });
             self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
         }
@@ -665,7 +579,7 @@ impl Committer {
         let mut due = Vec::new();
         for key in keys {
             let entry = self.waiting_entry(p, key)?;
-            let unindexed = self.settle_unindexed(p, key);
+            let unindexed = self.unindexed.settle(&mut p.unindexed, key);
             let Some(entry) = entry else { continue };
             if unindexed {
                 self.add_due(p, entry)?;
@@ -762,7 +676,7 @@ impl Committer {
         if old_next != record.next_attempt_at {
             let due = |at: i64| Due { at_ms: at.max(0) as u64, key };
             if let Some(at) = old_next {
-                if !self.settle_unindexed(p, key) {
+                if !self.unindexed.settle(&mut p.unindexed, key) {
                     self.remove_due(p, due(at))?;
                 }
             }
@@ -817,14 +731,6 @@ impl Committer {
         p.stats.insert(*webhook);
         Ok(())
     }
-}
-
-/// See [`Committer::ranges_after`].
-struct RangeChanges {
-    /// By first seq: unindexed deliveries left.
-    left: HashMap<u64, usize>,
-    /// First seq, last seq, unindexed deliveries.
-    new: Option<(u64, u64, usize)>,
 }
 
 /// Applied batches that may wait for the syncer: none. The committer hands

@@ -22,6 +22,7 @@ mod copy;
 mod durable;
 mod keys;
 mod records;
+mod unindexed;
 
 use nexor_webhookd_core::{clock, event};
 
@@ -38,9 +39,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use check::check_storage;
-use committer::{Committer, Failure, Op, Request, Then, UnindexedGauge};
+use committer::{Committer, Failure, Op, Request, Then};
 pub use copy::Copied;
 pub use records::*;
+use unindexed::Unindexed;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,8 +141,9 @@ struct Inner {
     // Options only so that Drop can close the channel and then join.
     requests: Option<mpsc::Sender<Request>>,
     committer: Option<thread::JoinHandle<()>>,
-    /// Deliveries without a due entry yet (see `committer`), kept by it.
-    unindexed: Arc<UnindexedGauge>,
+    /// Deliveries without a due entry yet (see [`unindexed`]), counted by
+    /// the committer.
+    unindexed: Arc<unindexed::Gauge>,
     liveness: Arc<Liveness>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
@@ -352,7 +355,7 @@ impl Store {
             None => 0,
         };
         let (requests, rx) = mpsc::channel();
-        let unindexed = Arc::new(UnindexedGauge::default());
+        let unindexed = Arc::new(unindexed::Gauge::default());
         let liveness = Arc::new(Liveness::default());
         let mut committer = Committer {
             db: db.clone(),
@@ -361,9 +364,7 @@ impl Store {
             min_free: options.min_free_space,
             stats: Default::default(),
             due_counts: Default::default(),
-            unindexed: Default::default(),
-            ranges: Default::default(),
-            gauge: unindexed.clone(),
+            unindexed: Unindexed::new(unindexed.clone()),
             mark: durable::Mark { commits: stored.commits, last_seq },
             liveness: liveness.clone(),
             failure: Failure { first: Default::default(), report: options.on_failure },
@@ -587,7 +588,7 @@ impl Store {
 pub struct Reader {
     db: sled::Db,
     /// Deliveries without a due entry yet, counted by the committer.
-    unindexed: Arc<UnindexedGauge>,
+    unindexed: Arc<unindexed::Gauge>,
 }
 
 impl Reader {
@@ -707,7 +708,7 @@ impl Reader {
     /// before this one, then this second's due-index entries one by one.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
         let second = now_ms / 1000;
-        let mut n = self.unindexed.count.load(Ordering::Relaxed) as u64;
+        let mut n = self.unindexed.count();
         for kv in self.db.range(keys::due_count(0)..keys::due_count(second)) {
             let (k, v) = kv?;
             n += keys::u64_value(&k, &v)?;
@@ -749,9 +750,7 @@ impl Reader {
     /// oldest delivery not indexed yet, whichever is older.
     pub fn oldest_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let indexed = self.first_due_from(Due::at(0))?.map(|d| d.at_ms).filter(|at| *at <= now_ms);
-        let oldest_seq = self.unindexed.oldest_seq.load(Ordering::Relaxed);
-        let unindexed = (oldest_seq > 0).then(|| seq_time_ms(oldest_seq).max(0) as u64);
-        Ok(indexed.into_iter().chain(unindexed).min())
+        Ok(indexed.into_iter().chain(self.unindexed.oldest_ms()).min())
     }
 
     /// The first due-index entry at or after `from`.
