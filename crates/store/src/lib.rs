@@ -1006,6 +1006,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_oldest_due_counts_deliveries_never_indexed_until_they_are_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let before = clock::now_ms() as u64;
+        let due = ingest_three(&store, &[Uuid::from_bytes([1; 16])]).await;
+        let now = clock::now_ms() as u64;
+        let oldest = reads(&store).oldest_due_ms(now).unwrap().expect("never attempted, so due");
+        assert!((before..=now).contains(&oldest), "{before} <= {oldest} <= {now}");
+        for d in &due {
+            record_status(&store, d.key, Status::Succeeded, None).await;
+        }
+        assert_eq!(reads(&store).oldest_due_ms(u64::MAX / 2).unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn a_full_check_names_each_kind_of_broken_record_or_reference() {
         let dir = tempfile::tempdir().unwrap();
         let webhooks = [Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16])];
