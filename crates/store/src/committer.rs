@@ -7,22 +7,12 @@
 //! read-modify-write of deliveries, webhook stats and the per-second counts
 //! of the due index, all without locks.
 //!
-//! A new delivery gets no due entry (`Q`): the dispatcher is handed it from
-//! the ingest's answer and holds it in memory, and most deliveries have their
-//! first outcome recorded milliseconds later, which would delete the entry
-//! again; leaving out those two writes and their `H` count changes cut the
-//! daemon's CPU per event by about a tenth at full speed. Instead the
-//! committer keeps such *unindexed* deliveries in memory, and each batch
-//! that stores new deliveries writes one `F` key covering its events; the
-//! key goes in the batch where the last of them stops being unindexed. That
-//! happens at its first outcome, a cancellation, a set-aside, or an
-//! [`Op::Index`], which the dispatcher sends for one it lets go from memory.
-//! At start, before anything else, the deliveries of every `F` range left by
-//! the previous run get their due entries.
+//! A new delivery gets no due entry (`Q`) but is *unindexed*, covered by its
+//! batch's `F` range: why, and the rules the committer keeps for it, are in
+//! [`unindexed`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 
 use uuid::Uuid;
@@ -30,6 +20,7 @@ use uuid::Uuid;
 use super::copy::{self, Copied};
 use super::durable::{Mark, Syncer};
 use super::records::*;
+use super::unindexed::{self, Unindexed};
 use super::{codec, keys, Pruned, StoreError};
 use crate::clock;
 
@@ -42,13 +33,25 @@ use crate::clock;
 /// 153 MB; with 256 it peaked at 130 MB, at the same events/s.
 const MAX_BATCH_WRITES: usize = 256;
 
+/// A request to the committer, carrying the callback its answer goes to,
+/// typed by what the request answers.
+pub enum Request {
+    /// A write, applied with whatever else is waiting as one batch.
+    Write(Op),
+    /// Copy the whole store, as every batch before has left it, into a new
+    /// store directory at this path: a turn of its own, between two batches.
+    Backup(PathBuf, Then<Copied>),
+}
+
+/// The writes a batch is made of, each with its callback.
 pub enum Op {
-    Ingest(NewEvent),
-    Record(Outcome),
+    Ingest(NewEvent, Then<Ingested>),
+    Record(Outcome, Then<()>),
     /// Queue these deliveries for an attempt now, if their status is in `from`.
     Requeue {
         keys: Vec<DeliveryKey>,
         from: &'static [Status],
+        then: Then<Vec<Due>>,
     },
     /// Stop these deliveries, and the unindexed ones of these webhooks, if
     /// they are still waiting for an attempt: `to` is `Held` (their webhook
@@ -57,18 +60,59 @@ pub enum Op {
         keys: Vec<DeliveryKey>,
         webhooks: Vec<Uuid>,
         to: Status,
+        then: Then<usize>,
     },
     /// Delete these events, where every delivery of one is final; stops
     /// early, after a whole event, once it has made a batch's writes.
-    Prune(Vec<u64>),
+    Prune(Vec<u64>, Then<Pruned>),
     /// Take this entry out of the due index and note it in the set-aside list.
-    SetAside(Due),
+    SetAside(Due, Then<()>),
     /// Give these deliveries their due entries if they are still unindexed;
     /// answers the entry of every one still waiting.
-    Index(Vec<DeliveryKey>),
-    /// Copy the whole store, as every batch before has left it, into a new
-    /// store directory at this path: a batch of its own.
-    Backup(PathBuf),
+    Index(Vec<DeliveryKey>, Then<Vec<Due>>),
+}
+
+/// Called once with the request's answer: after its batch is on disk, or
+/// with the error that kept it from being applied or synced.
+pub type Then<T> = Box<dyn FnOnce(Result<T, StoreError>) + Send>;
+
+/// An applied request's answer bound to its callback, given once its batch's
+/// sync is over: `None` if the sync succeeded, else its error, which every
+/// request the sync covered gets instead of its own answer.
+type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// Whether the op was applied (so it takes its share of free space), and
+/// its answer.
+fn applied<T: Send + 'static>(result: Result<T, StoreError>, then: Then<T>) -> (bool, Answer) {
+    (result.is_ok(), answer(result, then))
+}
+
+/// `result` as the answer `then` gets once the batch is synced. The one
+/// allocation the committer adds to a request (its caller's callback is the
+/// other): typed answers of every kind wait in one list, in order.
+fn answer<T: Send + 'static>(result: Result<T, StoreError>, then: Then<T>) -> Answer {
+    Box::new(move |failed| {
+        then(match failed {
+            Some(e) => Err(e.clone()),
+            None => result,
+        })
+    })
+}
+
+impl From<Op> for Request {
+    fn from(op: Op) -> Request {
+        Request::Write(op)
+    }
+}
+
+impl Request {
+    /// Answers `e` at once, applying nothing (the committer is gone).
+    pub fn refuse(self, e: StoreError) {
+        match self {
+            Request::Backup(_, then) => then(Err(e)),
+            Request::Write(op) => op.refused(e)(None),
+        }
+    }
 }
 
 impl Op {
@@ -76,11 +120,21 @@ impl Op {
     fn writes(&self) -> usize {
         match self {
             // The event, then per webhook its delivery and (once a batch) its stats.
-            Op::Ingest(e) => 2 + 2 * e.record.webhooks.len(),
-            Op::Record(_) | Op::SetAside(_) => 2,
-            Op::Requeue { keys, .. } | Op::Stop { keys, .. } | Op::Index(keys) => 2 * keys.len(),
-            Op::Prune(seqs) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
-            Op::Backup(_) => 0,
+            Op::Ingest(e, _) => 2 + 2 * e.record.webhooks.len(),
+            Op::Record(..) | Op::SetAside(..) => 2,
+            Op::Requeue { keys, .. } | Op::Stop { keys, .. } | Op::Index(keys, _) => 2 * keys.len(),
+            Op::Prune(seqs, _) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
+        }
+    }
+
+    /// This op's answer when it is not applied: `e`.
+    fn refused(self, e: StoreError) -> Answer {
+        match self {
+            Op::Ingest(_, then) => answer(Err(e), then),
+            Op::Record(_, then) | Op::SetAside(_, then) => answer(Err(e), then),
+            Op::Requeue { then, .. } | Op::Index(_, then) => answer(Err(e), then),
+            Op::Stop { then, .. } => answer(Err(e), then),
+            Op::Prune(_, then) => answer(Err(e), then),
         }
     }
 }
@@ -103,32 +157,15 @@ impl Op {
     /// reclaims anything), for the free-space check of each write.
     fn disk_bytes(&self) -> u64 {
         let values = match self {
-            Op::Ingest(e) => {
+            Op::Ingest(e, _) => {
                 let r = &e.record;
                 (r.data.len() + 256 + 64 * r.webhooks.len()) as u64
             }
-            Op::Record(_) => DISK_BYTES_PER_OUTCOME,
+            Op::Record(..) => DISK_BYTES_PER_OUTCOME,
             _ => 0,
         };
         values * DISK_AMPLIFICATION + self.writes() as u64 * DISK_BYTES_PER_WRITE
     }
-}
-
-pub enum Reply {
-    Ingested(Ingested),
-    Recorded,
-    Queued(Vec<Due>),
-    Count(usize),
-    Pruned(Pruned),
-    Copied(Copied),
-}
-
-/// Called once the request's batch is on disk (or failed).
-pub type Callback = Box<dyn FnOnce(Result<Reply, StoreError>) + Send>;
-
-pub struct Request {
-    pub op: Op,
-    pub reply: Callback,
 }
 
 pub struct Committer {
@@ -145,11 +182,8 @@ pub struct Committer {
     /// Due-index entries per second of due time, loaded on first use and
     /// written with each batch; a second is forgotten once it holds none.
     pub due_counts: HashMap<u64, u64>,
-    /// Deliveries without a due entry, each with the `F` range it is in.
-    pub unindexed: HashMap<DeliveryKey, u64>,
-    /// How many unindexed deliveries each `F` range (by first seq) still has.
-    pub ranges: BTreeMap<u64, usize>,
-    pub gauge: Arc<UnindexedGauge>,
+    /// The new deliveries without a due entry (see [`unindexed`]).
+    pub unindexed: Unindexed,
     /// Batches applied so far and the last event seq, written as `C` with
     /// each batch (see `durable`).
     pub mark: Mark,
@@ -175,16 +209,6 @@ impl Failure {
     }
 }
 
-/// What readers may know of the unindexed deliveries: they are due, but
-/// not in the due index.
-#[derive(Default)]
-pub struct UnindexedGauge {
-    pub count: AtomicUsize,
-    /// The first seq of the oldest `F` range still open, 0 if none: about
-    /// when the oldest of them was stored.
-    pub oldest_seq: AtomicU64,
-}
-
 /// Writes of one batch, readable before they are applied so that later
 /// requests in the same batch see earlier ones.
 #[derive(Default)]
@@ -194,10 +218,8 @@ struct Pending {
     stats: HashSet<Uuid>,
     /// Seconds whose due count changed in this batch.
     due_counts: HashSet<u64>,
-    /// Deliveries of this batch's events, stored without a due entry.
-    unindexed_new: HashSet<DeliveryKey>,
-    /// Deliveries that stopped being unindexed in this batch.
-    indexed: HashSet<DeliveryKey>,
+    /// What this batch did to the unindexed deliveries.
+    unindexed: unindexed::Changes,
 }
 
 impl Pending {
@@ -240,38 +262,42 @@ impl Committer {
             // A backup met while gathering a batch waits for the next turn.
             let mut held_back: Option<Request> = None;
             while let Some(first) = held_back.take().or_else(|| rx.recv().ok()) {
-                if let Op::Backup(to) = &first.op {
-                    // Every batch before is applied (if not yet synced: the
-                    // copy syncs itself); none after is, until this returns.
-                    let copied = match self.failure.first.get() {
-                        Some(e) => Err(e.clone()),
-                        None => copy::copy(&self.db, to, &self.liveness.copied),
-                    };
-                    if let Err(e) = &copied {
-                        tracing::error!(error = %e, to = %to.display(), "backup failed");
+                let first = match first {
+                    Request::Backup(to, then) => {
+                        // Every batch before is applied (if not yet synced: the
+                        // copy syncs itself); none after is, until this returns.
+                        let copied = match self.failure.first.get() {
+                            Some(e) => Err(e.clone()),
+                            None => copy::copy(&self.db, &to, &self.liveness.copied),
+                        };
+                        if let Err(e) = &copied {
+                            tracing::error!(error = %e, to = %to.display(), "backup failed");
+                        }
+                        then(copied);
+                        continue;
                     }
-                    (first.reply)(copied.map(Reply::Copied));
-                    continue;
-                }
-                let mut writes = first.op.writes();
-                let mut requests = vec![first];
+                    Request::Write(op) => op,
+                };
+                let mut writes = first.writes();
+                let mut ops = vec![first];
                 while writes < MAX_BATCH_WRITES {
                     match rx.try_recv() {
-                        Ok(r) if matches!(r.op, Op::Backup(_)) => {
-                            held_back = Some(r);
-                            break;
+                        Ok(Request::Write(op)) => {
+                            writes += op.writes();
+                            ops.push(op);
                         }
-                        Ok(r) => {
-                            writes += r.op.writes();
-                            requests.push(r);
+                        Ok(backup) => {
+                            held_back = Some(backup);
+                            break;
                         }
                         Err(_) => break,
                     }
                 }
-                let answers = self.commit(requests);
+                let answers = self.commit(ops);
                 if let Err(mpsc::SendError((answers, _))) = to_sync.send((answers, self.mark)) {
-                    for (_, reply) in answers {
-                        reply(Err(StoreError::Unavailable("the syncer is gone".into())));
+                    let gone = StoreError::Unavailable("the syncer is gone".into());
+                    for answer in answers {
+                        answer(Some(&gone));
                     }
                 }
             }
@@ -279,11 +305,11 @@ impl Committer {
         });
     }
 
-    /// Applies `requests` as one batch; returns their answers, to be given
-    /// once the batch is synced.
-    fn commit(&mut self, requests: Vec<Request>) -> Answers {
+    /// Applies `ops` as one batch; returns their answers, to be given once
+    /// the batch is synced.
+    fn commit(&mut self, ops: Vec<Op>) -> Vec<Answer> {
         if let Some(e) = self.failure.first.get() {
-            return requests.into_iter().map(|r| (Err(e.clone()), r.reply)).collect();
+            return ops.into_iter().map(|op| op.refused(e.clone())).collect();
         }
         let mut p = Pending::default();
         let seq_before = self.last_seq;
@@ -291,16 +317,19 @@ impl Committer {
         // so far: one check per batch with a fixed margin let eight 900 KB
         // events overshoot a 4 MiB margin together, and sled wedges on ENOSPC.
         let mut free = free_bytes(&self.dir);
-        let answers: Vec<_> = requests
+        let answers: Vec<_> = ops
             .into_iter()
-            .map(|r| {
-                let floor = if matches!(r.op, Op::Ingest(_)) { self.min_free } else { self.min_free / 4 };
-                let takes = r.op.disk_bytes();
-                let answer = room(free, floor.saturating_add(takes)).and_then(|()| self.apply(&mut p, r.op));
-                if answer.is_ok() {
+            .map(|op| {
+                let floor = if matches!(op, Op::Ingest(..)) { self.min_free } else { self.min_free / 4 };
+                let takes = op.disk_bytes();
+                let (applied, answer) = match room(free, floor.saturating_add(takes)) {
+                    Ok(()) => self.apply(&mut p, op),
+                    Err(e) => (false, op.refused(e)),
+                };
+                if applied {
                     free = free.map(|f| f.saturating_sub(takes));
                 }
-                (answer, r.reply)
+                answer
             })
             .collect();
         match self.write(p) {
@@ -312,8 +341,8 @@ impl Committer {
                 // it. Refuse this batch and report: the daemon stops, and
                 // systemd starts it again, on what is on disk.
                 self.last_seq = seq_before;
-                for (_, reply) in answers {
-                    reply(Err(e.clone()));
+                for answer in answers {
+                    answer(Some(&e));
                 }
                 self.failure.happened("storage write failed", &e);
                 Vec::new()
@@ -323,7 +352,7 @@ impl Committer {
 
     /// Applies `p` as one sled batch, with the stats, due counts and `F`
     /// ranges it changed; on failure, forgets those changes.
-    fn write(&mut self, mut p: Pending) -> Result<(), StoreError> {
+    fn write(&mut self, p: Pending) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for w in &p.stats {
             batch.insert(&keys::stats(w)[..], codec::encode(&self.stats[w]));
@@ -334,15 +363,7 @@ impl Committer {
                 n => batch.insert(&keys::due_count(*second)[..], &n.to_be_bytes()[..]),
             }
         }
-        let ranges = self.ranges_after(&mut p);
-        for (first, left) in &ranges.left {
-            if *left == 0 {
-                batch.remove(&keys::fresh_range(*first)[..]);
-            }
-        }
-        if let Some((first, last, _)) = ranges.new {
-            batch.insert(&keys::fresh_range(first)[..], &last.to_be_bytes()[..]);
-        }
+        let ranges = self.unindexed.write(p.unindexed, &mut batch);
         for (k, v) in p.overlay {
             match v {
                 Some(v) => batch.insert(k, v),
@@ -370,69 +391,16 @@ impl Committer {
                 self.due_counts.remove(second);
             }
         }
-        for key in &p.indexed {
-            self.unindexed.remove(key);
-        }
-        for (first, left) in ranges.left {
-            match left {
-                0 => self.ranges.remove(&first),
-                n => self.ranges.insert(first, n),
-            };
-        }
-        if let Some((first, _, left)) = ranges.new {
-            self.unindexed.extend(p.unindexed_new.into_iter().map(|k| (k, first)));
-            self.ranges.insert(first, left);
-        }
-        self.gauge.count.store(self.unindexed.len(), Ordering::Relaxed);
-        self.gauge.oldest_seq.store(self.ranges.keys().next().copied().unwrap_or(0), Ordering::Relaxed);
+        self.unindexed.applied(ranges);
         Ok(())
-    }
-
-    /// What `p` does to the `F` ranges: the new counts of those it touches,
-    /// and the range of its own events, if it leaves any delivery unindexed.
-    /// Drops from `p.unindexed_new` the deliveries indexed in the same batch.
-    fn ranges_after(&self, p: &mut Pending) -> RangeChanges {
-        let mut left = HashMap::new();
-        for key in &p.indexed {
-            if let Some(first) = self.unindexed.get(key) {
-                *left.entry(*first).or_insert(self.ranges[first]) -= 1;
-            }
-        }
-        p.unindexed_new.retain(|k| !p.indexed.contains(k));
-        let seqs = p.unindexed_new.iter().map(|k| k.seq);
-        let new = match (seqs.clone().min(), seqs.max()) {
-            (Some(first), Some(last)) => Some((first, last, p.unindexed_new.len())),
-            _ => None,
-        };
-        RangeChanges { left, new }
-    }
-
-    /// Whether `key` has no due entry because it was never indexed; if so,
-    /// it stops being unindexed with this batch (its caller gives it an
-    /// entry, or it no longer needs one).
-    fn settle_unindexed(&self, p: &mut Pending, key: DeliveryKey) -> bool {
-        let unindexed = !p.indexed.contains(&key)
-            && (self.unindexed.contains_key(&key) || p.unindexed_new.contains(&key));
-        if unindexed {
-            p.indexed.insert(key);
-        }
-        unindexed
     }
 
     /// Gives every delivery that the last run left unindexed its due entry,
     /// one `F` range per batch; returns how many. Called once, before the
-    /// committer runs.
+    /// committer runs (see [`unindexed`]).
     pub fn index_leftovers(&mut self) -> Result<usize, StoreError> {
-        let ranges: Vec<(u64, u64)> = self
-            .db
-            .scan_prefix([keys::FRESH_RANGE])
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((keys::u64_at(&k, 1), keys::u64_value(&k, &v)?))
-            })
-            .collect::<Result<_, StoreError>>()?;
         let mut indexed = 0;
-        for (first, last) in ranges {
+        for (first, last) in unindexed::left_open(&self.db)? {
             // sled must not meet a full disk, here either.
             room(free_bytes(&self.dir), self.min_free / 4)?;
             let mut p = Pending::default();
@@ -467,28 +435,29 @@ impl Committer {
         keys.map(|k| Ok(Uuid::from_slice(&k?[1..]).expect("16 bytes after the prefix"))).collect()
     }
 
-    fn apply(&mut self, p: &mut Pending, op: Op) -> Result<Reply, StoreError> {
+    /// Applies `op` to `p`; whether it was applied, and its answer.
+    fn apply(&mut self, p: &mut Pending, op: Op) -> (bool, Answer) {
         match op {
-            Op::Ingest(ev) => self.ingest(p, ev).map(Reply::Ingested),
-            Op::Record(o) => self.record(p, o).map(|_| Reply::Recorded),
-            Op::Requeue { keys, from } => self.requeue(p, keys, from).map(Reply::Queued),
-            Op::Stop { mut keys, webhooks, to } => {
-                let unindexed = self.unindexed.keys().chain(&p.unindexed_new);
-                keys.extend(unindexed.filter(|k| webhooks.contains(&k.webhook)));
-                self.stop(p, keys, to).map(Reply::Count)
+            Op::Ingest(ev, then) => applied(self.ingest(p, ev), then),
+            Op::Record(o, then) => applied(self.record(p, o), then),
+            Op::Requeue { keys, from, then } => applied(self.requeue(p, keys, from), then),
+            Op::Stop { mut keys, webhooks, to, then } => {
+                keys.extend(self.unindexed.to_webhooks(&p.unindexed, &webhooks));
+                applied(self.stop(p, keys, to), then)
             }
-            Op::Prune(seqs) => self.prune(p, seqs).map(Reply::Pruned),
-            Op::Index(keys) => self.index(p, keys).map(Reply::Queued),
-            Op::Backup(_) => unreachable!("the run loop takes backups aside"),
-            Op::SetAside(due) => {
-                // The dispatcher's entry may be stale (gone from the index).
-                if !self.settle_unindexed(p, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
-                    self.remove_due(p, due)?;
-                }
-                p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
-                Ok(Reply::Count(1))
-            }
+            Op::Prune(seqs, then) => applied(self.prune(p, seqs), then),
+            Op::Index(keys, then) => applied(self.index(p, keys), then),
+            Op::SetAside(due, then) => applied(self.set_aside(p, due), then),
         }
+    }
+
+    fn set_aside(&mut self, p: &mut Pending, due: Due) -> Result<(), StoreError> {
+        // The dispatcher's entry may be stale (gone from the index).
+        if !self.unindexed.settle(&mut p.unindexed, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
+            self.remove_due(p, due)?;
+        }
+        p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
+        Ok(())
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -526,7 +495,7 @@ impl Committer {
                 round_start: 0,
             };
             p.insert(&keys::delivery(key), codec::encode(&record));
-            p.unindexed_new.insert(key);
+            p.unindexed.stored(key);
             due.push(Due { at_ms: now.max(0) as u64, key });
             self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
         }
@@ -610,7 +579,7 @@ impl Committer {
         let mut due = Vec::new();
         for key in keys {
             let entry = self.waiting_entry(p, key)?;
-            let unindexed = self.settle_unindexed(p, key);
+            let unindexed = self.unindexed.settle(&mut p.unindexed, key);
             let Some(entry) = entry else { continue };
             if unindexed {
                 self.add_due(p, entry)?;
@@ -707,7 +676,7 @@ impl Committer {
         if old_next != record.next_attempt_at {
             let due = |at: i64| Due { at_ms: at.max(0) as u64, key };
             if let Some(at) = old_next {
-                if !self.settle_unindexed(p, key) {
+                if !self.unindexed.settle(&mut p.unindexed, key) {
                     self.remove_due(p, due(at))?;
                 }
             }
@@ -764,17 +733,6 @@ impl Committer {
     }
 }
 
-/// See [`Committer::ranges_after`].
-struct RangeChanges {
-    /// By first seq: unindexed deliveries left.
-    left: HashMap<u64, usize>,
-    /// First seq, last seq, unindexed deliveries.
-    new: Option<(u64, u64, usize)>,
-}
-
-/// Answers of applied requests, waiting for their batch to be synced.
-type Answers = Vec<(Result<Reply, StoreError>, Callback)>;
-
 /// Applied batches that may wait for the syncer: none. The committer hands
 /// a batch over as the syncer starts its next sync, so it is never more than
 /// one batch ahead, and what arrives meanwhile waits for it and goes into
@@ -793,7 +751,12 @@ const SYNC_QUEUE: usize = 0;
 /// duplicate though it was never stored) and leave applied deliveries that
 /// nobody was told of. A fresh start reads back only what is on disk and
 /// indexes what waits.
-fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers, Mark)>, failure: Failure) {
+fn sync_loop(
+    db: sled::Db,
+    mut syncer: Syncer,
+    applied: mpsc::Receiver<(Vec<Answer>, Mark)>,
+    failure: Failure,
+) {
     while let Ok((first, mut mark)) = applied.recv() {
         let mut answers = first;
         while let Ok((more, later)) = applied.try_recv() {
@@ -804,11 +767,8 @@ fn sync_loop(db: sled::Db, mut syncer: Syncer, applied: mpsc::Receiver<(Answers,
             Some(e) => Err(e.clone()),
             None => syncer.sync(&db, mark),
         };
-        for (answer, reply) in answers {
-            reply(match &synced {
-                Ok(_) => answer,
-                Err(e) => Err(e.clone()),
-            });
+        for answer in answers {
+            answer(synced.as_ref().err());
         }
         if let Err(e) = synced {
             failure.happened("storage sync failed", &e);

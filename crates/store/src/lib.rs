@@ -22,6 +22,7 @@ mod copy;
 mod durable;
 mod keys;
 mod records;
+mod unindexed;
 
 use nexor_webhookd_core::{clock, event};
 
@@ -38,9 +39,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use check::check_storage;
-use committer::{Callback, Committer, Failure, Op, Reply, Request, UnindexedGauge};
+use committer::{Committer, Failure, Op, Request, Then};
 pub use copy::Copied;
 pub use records::*;
+use unindexed::Unindexed;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,8 +141,9 @@ struct Inner {
     // Options only so that Drop can close the channel and then join.
     requests: Option<mpsc::Sender<Request>>,
     committer: Option<thread::JoinHandle<()>>,
-    /// Deliveries without a due entry yet (see `committer`), kept by it.
-    unindexed: Arc<UnindexedGauge>,
+    /// Deliveries without a due entry yet (see [`unindexed`]), counted by
+    /// the committer.
+    unindexed: Arc<unindexed::Gauge>,
     liveness: Arc<Liveness>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
@@ -352,7 +355,7 @@ impl Store {
             None => 0,
         };
         let (requests, rx) = mpsc::channel();
-        let unindexed = Arc::new(UnindexedGauge::default());
+        let unindexed = Arc::new(unindexed::Gauge::default());
         let liveness = Arc::new(Liveness::default());
         let mut committer = Committer {
             db: db.clone(),
@@ -361,9 +364,7 @@ impl Store {
             min_free: options.min_free_space,
             stats: Default::default(),
             due_counts: Default::default(),
-            unindexed: Default::default(),
-            ranges: Default::default(),
-            gauge: unindexed.clone(),
+            unindexed: Unindexed::new(unindexed.clone()),
             mark: durable::Mark { commits: stored.commits, last_seq },
             liveness: liveness.clone(),
             failure: Failure { first: Default::default(), report: options.on_failure },
@@ -392,36 +393,43 @@ impl Store {
         Ok(Store { inner: Arc::new(inner) })
     }
 
-    /// Hands `op` to the committer; `reply` is always called, exactly once.
-    fn send(&self, op: Op, reply: Callback) {
+    /// Hands the request `ask` makes to the committer; `then` is always
+    /// called, exactly once, with its answer.
+    fn send<T, R: Into<Request>>(
+        &self,
+        ask: impl FnOnce(Then<T>) -> R,
+        then: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) {
         let live = self.inner.liveness.clone();
         live.asked.fetch_add(1, Ordering::Relaxed);
-        let reply: Callback = Box::new(move |r| {
+        let request = ask(Box::new(move |r| {
             live.answered.fetch_add(1, Ordering::Relaxed);
-            reply(r)
-        });
-        let request = Request { op, reply };
+            then(r)
+        }))
+        .into();
         let unsent = match &self.inner.requests {
             Some(requests) => requests.send(request).err().map(|e| e.0),
             None => Some(request),
         };
         if let Some(r) = unsent {
-            (r.reply)(Err(StoreError::Closed));
+            r.refuse(StoreError::Closed);
         }
     }
 
-    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+    /// [`Store::send`], waiting for the answer.
+    async fn call<T: Send + 'static, R: Into<Request>>(
+        &self,
+        request: impl FnOnce(Then<T>) -> R,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.send(op, Box::new(move |r| drop(tx.send(r))));
+        self.send(request, move |r| drop(tx.send(r)));
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an event and its deliveries; answers once they are on disk.
     #[cfg(test)]
     pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.ingest_then(event, move |r| drop(tx.send(r)));
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.call(|then| Op::Ingest(event, then)).await
     }
 
     /// Like [`Store::ingest`], but `then` is called (on the committer's
@@ -432,27 +440,19 @@ impl Store {
         event: NewEvent,
         then: impl FnOnce(Result<Ingested, StoreError>) + Send + 'static,
     ) {
-        self.send(
-            Op::Ingest(event),
-            Box::new(move |r| {
-                then(r.map(|reply| match reply {
-                    Reply::Ingested(i) => i,
-                    _ => unreachable!("the committer answers each op in kind"),
-                }))
-            }),
-        );
+        self.send(|t| Op::Ingest(event, t), then);
     }
 
     /// Records an attempt's outcome without waiting: `then` is called (on the
     /// committer's thread, so it must be quick) once it is on disk or failed.
     pub fn record_then(&self, outcome: Outcome, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        self.send(Op::Record(outcome), Box::new(move |r| then(r.map(drop))));
+        self.send(|t| Op::Record(outcome, t), then);
     }
 
     /// Takes a due entry whose records cannot be read out of the due index
     /// (they stay stored, listed under `Z`); `then` runs once that is on disk.
     pub fn set_aside(&self, due: Due, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        self.send(Op::SetAside(due), Box::new(move |r| then(r.map(drop))));
+        self.send(|t| Op::SetAside(due, t), then);
     }
 
     /// Gives those of `keys` that have no due entry yet (deliveries never
@@ -463,15 +463,7 @@ impl Store {
         keys: Vec<DeliveryKey>,
         then: impl FnOnce(Result<Vec<Due>, StoreError>) + Send + 'static,
     ) {
-        self.send(
-            Op::Index(keys),
-            Box::new(move |r| {
-                then(r.map(|reply| match reply {
-                    Reply::Queued(due) => due,
-                    _ => unreachable!("the committer answers each op in kind"),
-                }))
-            }),
-        );
+        self.send(|t| Op::Index(keys, t), then);
     }
 
     /// Queues the deliveries among `keys` whose status is in `from` for an
@@ -481,10 +473,7 @@ impl Store {
         keys: Vec<DeliveryKey>,
         from: &'static [Status],
     ) -> Result<Vec<Due>, StoreError> {
-        match self.call(Op::Requeue { keys, from }).await? {
-            Reply::Queued(due) => Ok(due),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Op::Requeue { keys, from, then }).await
     }
 
     /// Cancels those of `keys` still waiting for an attempt or held, and
@@ -513,35 +502,22 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut n = 0;
         for chunk in keys.chunks(1000) {
-            n += self.count(Op::Stop { keys: chunk.to_vec(), webhooks: Vec::new(), to }).await?;
+            n += self.call(|then| Op::Stop { keys: chunk.to_vec(), webhooks: Vec::new(), to, then }).await?;
         }
-        Ok(n + self.count(Op::Stop { keys: Vec::new(), webhooks, to }).await?)
+        Ok(n + self.call(|then| Op::Stop { keys: Vec::new(), webhooks, to, then }).await?)
     }
 
     /// Deletes the events among `seqs` (ascending) whose deliveries are all
     /// final, as far as one batch's writes go: see [`Pruned::through`].
     pub async fn prune(&self, seqs: Vec<u64>) -> Result<Pruned, StoreError> {
-        match self.call(Op::Prune(seqs)).await? {
-            Reply::Pruned(p) => Ok(p),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Op::Prune(seqs, then)).await
     }
 
     /// Copies the whole store, as it stands after every batch acknowledged
     /// so far, into a new store directory at `to` (absolute; absent or
     /// empty). Ingest waits while the copy is written.
     pub async fn backup(&self, to: PathBuf) -> Result<Copied, StoreError> {
-        match self.call(Op::Backup(to)).await? {
-            Reply::Copied(c) => Ok(c),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
-    }
-
-    async fn count(&self, op: Op) -> Result<usize, StoreError> {
-        match self.call(op).await? {
-            Reply::Count(n) => Ok(n),
-            _ => unreachable!("the committer answers each op in kind"),
-        }
+        self.call(|then| Request::Backup(to, then)).await
     }
 
     /// Runs `f` on tokio's blocking pool and waits for its answer without
@@ -612,7 +588,7 @@ impl Store {
 pub struct Reader {
     db: sled::Db,
     /// Deliveries without a due entry yet, counted by the committer.
-    unindexed: Arc<UnindexedGauge>,
+    unindexed: Arc<unindexed::Gauge>,
 }
 
 impl Reader {
@@ -732,7 +708,7 @@ impl Reader {
     /// before this one, then this second's due-index entries one by one.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StoreError> {
         let second = now_ms / 1000;
-        let mut n = self.unindexed.count.load(Ordering::Relaxed) as u64;
+        let mut n = self.unindexed.count();
         for kv in self.db.range(keys::due_count(0)..keys::due_count(second)) {
             let (k, v) = kv?;
             n += keys::u64_value(&k, &v)?;
@@ -774,9 +750,7 @@ impl Reader {
     /// oldest delivery not indexed yet, whichever is older.
     pub fn oldest_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let indexed = self.first_due_from(Due::at(0))?.map(|d| d.at_ms).filter(|at| *at <= now_ms);
-        let oldest_seq = self.unindexed.oldest_seq.load(Ordering::Relaxed);
-        let unindexed = (oldest_seq > 0).then(|| seq_time_ms(oldest_seq).max(0) as u64);
-        Ok(indexed.into_iter().chain(unindexed).min())
+        Ok(indexed.into_iter().chain(self.unindexed.oldest_ms()).min())
     }
 
     /// The first due-index entry at or after `from`.
@@ -1029,6 +1003,21 @@ mod tests {
         assert_eq!(reads(&store).count_due(u64::MAX / 2).unwrap(), 3);
         drop(store);
         assert_eq!(ranges(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_due_counts_deliveries_never_indexed_until_they_are_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let before = clock::now_ms() as u64;
+        let due = ingest_three(&store, &[Uuid::from_bytes([1; 16])]).await;
+        let now = clock::now_ms() as u64;
+        let oldest = reads(&store).oldest_due_ms(now).unwrap().expect("never attempted, so due");
+        assert!((before..=now).contains(&oldest), "{before} <= {oldest} <= {now}");
+        for d in &due {
+            record_status(&store, d.key, Status::Succeeded, None).await;
+        }
+        assert_eq!(reads(&store).oldest_due_ms(u64::MAX / 2).unwrap(), None);
     }
 
     #[tokio::test]
