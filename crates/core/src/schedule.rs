@@ -9,8 +9,8 @@
 //! `cursor` is in memory. So a backlog of a million deliveries waiting hours
 //! for a retry costs no memory until their time comes close.
 //!
-//! A new delivery's entry is not in the store's index yet (see the store's
-//! committer): it arrives with [`Queue::insert_unindexed`] and lives only
+//! A new delivery's entry is not in the store's index yet (the store's
+//! `unindexed` module explains why): it arrives with [`Queue::insert_unindexed`] and lives only
 //! here until its first outcome is stored. Wherever the queue would leave an
 //! entry to the store, an unindexed one is *let go* instead: the dispatcher
 //! takes it ([`Queue::take_let_go`]), has the store index it, and inserts it
