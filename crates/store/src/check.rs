@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use uuid::Uuid;
@@ -46,9 +45,9 @@ fn check_copy(path: &Path) -> Result<Report, StoreError> {
     let db_file = path.join("db");
     let lock = File::open(&db_file)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", db_file.display())))?;
-    // SAFETY: the descriptor stays open as long as `lock`; sled takes the
-    // same exclusive flock for as long as a daemon runs on the directory.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // sled takes the same exclusive flock for as long as a daemon runs on
+    // the directory.
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(StoreError::Locked(path.to_owned()));
     }
     let scratch = tempfile::Builder::new().prefix("nexor-webhookd-check-").tempdir()?;

@@ -786,11 +786,8 @@ pub(super) fn room(free: Option<u64>, needed: u64) -> Result<(), StoreError> {
 
 /// Free bytes for unprivileged writers on the filesystem holding `dir`.
 pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid C string and `st` a writable statvfs.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Whether a repeated event_id carries the same event. `data` is compared as

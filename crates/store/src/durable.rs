@@ -281,8 +281,10 @@ fn patiently(what: &Path, mut op: impl FnMut() -> std::io::Result<()>) -> Result
     loop {
         match op() {
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-                    && started.elapsed() < FD_PATIENCE =>
+                if matches!(
+                    rustix::io::Errno::from_io_error(&e),
+                    Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+                ) && started.elapsed() < FD_PATIENCE =>
             {
                 if !said {
                     tracing::warn!(error = %e, "out of file descriptors while syncing storage; waiting for some to come free");

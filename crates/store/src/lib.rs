@@ -27,7 +27,8 @@ mod unindexed;
 use nexor_webhookd_core::{clock, event};
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+
+use rustix::fs::{flock, FlockOperation};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -194,18 +195,14 @@ struct WaitForUnlock(File);
 
 impl Drop for WaitForUnlock {
     fn drop(&mut self) {
-        let fd = self.0.as_raw_fd();
         let deadline = Instant::now() + UNLOCK_WAIT;
-        // SAFETY: `fd` stays open as long as `self.0`, and flock has no other
-        // preconditions.
-        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        while flock(&self.0, FlockOperation::NonBlockingLockExclusive).is_err() {
             if Instant::now() >= deadline {
                 return;
             }
             thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: as above.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        let _ = flock(&self.0, FlockOperation::Unlock);
     }
 }
 
