@@ -8,6 +8,8 @@
 //! are the caller's. Errors are returned, never panicked on, so the
 //! benchmark can report them and a test can panic with its own context.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

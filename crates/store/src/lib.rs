@@ -15,6 +15,8 @@
 //!
 //! This module knows nothing of HTTP, configuration or scheduling policy.
 
+#![forbid(unsafe_code)]
+
 mod check;
 mod codec;
 mod committer;
