@@ -121,10 +121,11 @@ impl Client {
             let h = &w["health"];
             let n = |s: &str| h["deliveries"][s].as_u64().unwrap_or(0);
             let failures = h["consecutive_failures"].as_u64().unwrap_or(0);
-            let state = match (w["enabled"].as_bool(), failures) {
-                (Some(false), _) => "disabled".to_owned(),
-                (_, 0) => "ok".to_owned(),
-                (_, f) => format!("failing ({f})"),
+            let state = match (w["enabled"].as_bool(), w["paused_reason"].as_str(), failures) {
+                (Some(false), _, _) => "disabled".to_owned(),
+                (_, Some(reason), _) => format!("paused ({reason})"),
+                (_, None, 0) => "ok".to_owned(),
+                (_, None, f) => format!("failing ({f})"),
             };
             let last_failure = match (h["last_failure_at"].as_str(), h["last_failure"].as_str()) {
                 (Some(at), reason) => format!("{at} {}", reason.unwrap_or("")),
@@ -144,6 +145,14 @@ impl Client {
                 last_failure
             );
         }
+        Ok(())
+    }
+
+    /// `pause` and `resume`: a webhook's deliveries held, or due again.
+    pub fn set_paused(&self, webhook_id: &str, paused: bool) -> anyhow::Result<()> {
+        let verb = if paused { "pause" } else { "resume" };
+        let answer = self.call("POST", &format!("/v1/webhooks/{webhook_id}/{verb}"), None)?;
+        println!("{answer}");
         Ok(())
     }
 

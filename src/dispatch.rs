@@ -18,7 +18,7 @@
 //! and are awaited in turn, like a message. The workers are plain threads
 //! and read with a [`Reader`] of their own.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -34,7 +34,9 @@ use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Ended, Policy, Queue, Refill};
 use crate::sign;
-use crate::store::{Attempt, DeliveryKey, Due, EventRecord, Outcome, Reader, Status, Store, StoreError};
+use crate::store::{
+    Attempt, DeliveryKey, Due, EventRecord, Outcome, PauseRule, Reader, Status, Store, StoreError,
+};
 
 /// How far ahead due entries are held in memory.
 const WINDOW: Duration = Duration::from_secs(30);
@@ -55,6 +57,9 @@ enum Msg {
     Unrecorded(DeliveryKey, Due),
     /// These entries, let go by the queue, could not be indexed.
     NotIndexed(Vec<Due>),
+    /// The outcome of this delivery is stored and paused its webhook: the
+    /// webhook's other waiting deliveries are to be held.
+    Paused(DeliveryKey),
 }
 
 /// Cheap-to-clone handle for telling the engine about new due deliveries.
@@ -225,9 +230,9 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                let mut store_failed = handle(&mut queue, &mut fresh, msg);
+                let mut store_failed = handle(&mut queue, &mut fresh, &store, msg);
                 while let Ok(msg) = rx.try_recv() {
-                    store_failed |= handle(&mut queue, &mut fresh, msg);
+                    store_failed |= handle(&mut queue, &mut fresh, &store, msg);
                 }
                 if store_failed {
                     store_failing_until = clock::now_ms() as u64 + STORE_RETRY_MS;
@@ -307,7 +312,7 @@ impl Drop for CloseOnDrop {
 }
 
 /// Applies `msg`; `true` if it says the store failed a write.
-fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) -> bool {
+fn handle(queue: &mut Queue, fresh: &mut Fresh, store: &Store, msg: Msg) -> bool {
     match msg {
         Msg::Scheduled(due, None) => {
             for d in due {
@@ -332,8 +337,47 @@ fn handle(queue: &mut Queue, fresh: &mut Fresh, msg: Msg) -> bool {
             queue.let_go_again(due);
             return true;
         }
+        Msg::Paused(key) => {
+            queue.finished(key, None);
+            // Off this task: it reads the webhook's waiting deliveries.
+            let store = store.clone();
+            tokio::spawn(async move {
+                match hold_waiting(&store, &HashSet::from([key.webhook])).await {
+                    Ok(held) => {
+                        tracing::info!(webhook_id = %key.webhook, held, "paused webhook's deliveries held")
+                    }
+                    Err(e) => {
+                        // Each is held at its attempt instead.
+                        tracing::error!(webhook_id = %key.webhook, error = %e, "cannot hold a paused webhook's deliveries")
+                    }
+                }
+            });
+        }
     }
     false
+}
+
+/// Holds every delivery waiting for one of `webhooks`: those in the due
+/// index, and those never attempted, which the committer knows.
+pub async fn hold_waiting(store: &Store, webhooks: &HashSet<Uuid>) -> Result<usize, StoreError> {
+    let wanted = webhooks.clone();
+    let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
+    store.hold(keys, webhooks.iter().copied().collect()).await
+}
+
+/// Makes a webhook's held deliveries due now, oldest first. Held ones have
+/// no due entry: they are found among the webhook's deliveries, which only
+/// a webhook that has some held needs to go through.
+pub async fn release_held(store: &Store, engine: &Dispatcher, webhook: Uuid) -> Result<usize, StoreError> {
+    let keys = store
+        .read(move |r| {
+            if r.webhook_stats(&webhook)?.count(Status::Held) == 0 {
+                return Ok(Vec::new());
+            }
+            r.webhook_delivery_keys_since(webhook, 0)
+        })
+        .await?;
+    engine.requeue(store, &keys, &[Status::Held]).await
 }
 
 /// Has the store index the entries the queue let go; they come back as
@@ -438,12 +482,18 @@ impl Worker {
             return;
         };
         let (config, sender) = self.current();
-        let (attempt, status, next_attempt_at) = match config.webhook(&key.webhook).filter(|w| w.enabled) {
-            None => {
+        let webhook = config.webhook(&key.webhook).filter(|w| w.enabled);
+        let paused = self.store.paused(&key.webhook);
+        let (attempt, status, next_attempt_at, pause) = match (webhook, paused) {
+            (None, _) => {
                 tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, "webhook removed or disabled; delivery held until it is back");
-                (None, Status::Held, None)
+                (None, Status::Held, None, None)
             }
-            Some(webhook) => {
+            (Some(_), Some(p)) => {
+                tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, reason = p.reason.as_str(), "webhook paused; delivery held until it is resumed");
+                (None, Status::Held, None, None)
+            }
+            (Some(webhook), None) => {
                 let delivery_id = Uuid::new_v4();
                 let body = event::envelope(&Envelope {
                     event_type: event.event_type,
@@ -522,10 +572,20 @@ impl Worker {
                     error: answer.error,
                     response_body: answer.response_body,
                 };
+                // 410 Gone: the receiver says the endpoint is gone for good
+                // (Standard Webhooks: disable it). Otherwise a long enough
+                // run of failures pauses it.
+                let pause = match answer.status_code {
+                    Some(410) => Some(PauseRule::Gone),
+                    _ => webhook.pause_after.map(|after| PauseRule::Failing {
+                        for_ms: after.as_millis() as i64,
+                        attempts: config.delivery.pause_min_failures,
+                    }),
+                };
                 // A put-back attempt is logged above and counted in the
                 // metrics, but not kept: it would count against the retry
                 // schedule and the webhook's health.
-                (ended.counts().then_some(attempt), status, next)
+                (ended.counts().then_some(attempt), status, next, pause)
             }
         };
         let _ = self.done.send(Msg::Attempted(key));
@@ -533,9 +593,17 @@ impl Worker {
         // only once its outcome is on disk, so the delivery stays in flight
         // (and is not handed out again) until then.
         let done = self.done.clone();
-        self.store.record_then(Outcome { key, attempt, status, next_attempt_at }, move |written| {
+        let store = self.store.clone();
+        let outcome = Outcome { key, attempt, status, next_attempt_at, pause };
+        self.store.record_then(outcome, move |written| {
             let _ = done.send(match written {
-                Ok(()) => Msg::Finished(key, next_attempt_at.map(|at| Due { at_ms: at as u64, key })),
+                Ok(Some(paused)) => {
+                    tracing::warn!(webhook_id = %key.webhook, reason = paused.reason.as_str(), "webhook paused: its deliveries are held until it is resumed");
+                    Msg::Paused(key)
+                }
+                // Held by the store, not retried, if its webhook is paused.
+                Ok(None) if store.paused(&key.webhook).is_some() => Msg::Finished(key, None),
+                Ok(None) => Msg::Finished(key, next_attempt_at.map(|at| Due { at_ms: at as u64, key })),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot record an attempt; it will be made again");
                     Msg::Unrecorded(key, due)

@@ -140,6 +140,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Pause a webhook: its deliveries are held, not attempted, until it is
+    /// resumed.
+    Pause {
+        #[arg(long)]
+        webhook_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Resume a paused webhook: its held deliveries are due now, oldest first.
+    Resume {
+        #[arg(long)]
+        webhook_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Cancel every delivery to a webhook that is waiting or held (held: its
     /// webhook was removed or disabled by a reload).
     Cancel {
@@ -256,6 +271,12 @@ fn main() -> ExitCode {
         Command::Status { config } => report(client(&config).and_then(|c| c.status()), "status"),
         Command::Redeliver { event_id, webhook_id, config } => {
             report(client(&config).and_then(|c| c.redeliver(&event_id, webhook_id.as_deref())), "redeliver")
+        }
+        Command::Pause { webhook_id, config } => {
+            report(client(&config).and_then(|c| c.set_paused(&webhook_id, true)), "pause")
+        }
+        Command::Resume { webhook_id, config } => {
+            report(client(&config).and_then(|c| c.set_paused(&webhook_id, false)), "resume")
         }
         Command::Cancel { webhook_id, config } => {
             report(client(&config).and_then(|c| c.cancel(&webhook_id)), "cancel")

@@ -30,6 +30,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabel {
     webhook_id: String,
 }
@@ -41,8 +46,9 @@ pub struct Snapshot {
     pub oldest_due_age_seconds: f64,
     pub storage_bytes: u64,
     pub set_aside: u64,
-    /// Per configured webhook: id, consecutive failures, last success (unix seconds).
-    pub webhooks: Vec<(Uuid, u32, Option<f64>)>,
+    /// Per configured webhook: id, consecutive failures, last success (unix
+    /// seconds), whether it is paused.
+    pub webhooks: Vec<(Uuid, u32, Option<f64>, bool)>,
 }
 
 /// Cheap-to-clone handle on the registry.
@@ -63,6 +69,7 @@ struct Inner {
     set_aside: Gauge,
     consecutive_failures: Family<WebhookLabel, Gauge>,
     last_success: Family<WebhookLabel, Gauge<f64, AtomicU64>>,
+    webhooks: Family<StateLabel, Gauge>,
     undecodable: Counter,
     reloads_refused: Counter,
 }
@@ -82,6 +89,7 @@ impl Metrics {
             set_aside: Gauge::default(),
             consecutive_failures: Family::default(),
             last_success: Family::default(),
+            webhooks: Family::default(),
             undecodable: Counter::default(),
             reloads_refused: Counter::default(),
             registry: Registry::default(),
@@ -114,6 +122,11 @@ impl Metrics {
             "webhook_last_success_timestamp_seconds",
             "When the webhook last answered 2xx",
             inner.last_success.clone(),
+        );
+        registry.register(
+            "webhooks",
+            "Configured webhooks by state: active, or paused (deliveries held)",
+            inner.webhooks.clone(),
         );
         registry.register(
             "deliveries_set_aside",
@@ -160,7 +173,10 @@ impl Metrics {
         i.set_aside.set(s.set_aside as i64);
         i.consecutive_failures.clear();
         i.last_success.clear();
-        for (id, failures, last_success) in s.webhooks {
+        let paused = s.webhooks.iter().filter(|w| w.3).count() as i64;
+        i.webhooks.get_or_create(&StateLabel { state: "paused" }).set(paused);
+        i.webhooks.get_or_create(&StateLabel { state: "active" }).set(s.webhooks.len() as i64 - paused);
+        for (id, failures, last_success, _) in s.webhooks {
             let label = WebhookLabel { webhook_id: id.to_string() };
             i.consecutive_failures.get_or_create(&label).set(failures as i64);
             if let Some(t) = last_success {

@@ -50,6 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/webhooks/{id}/recover", post(webhooks::recover))
         .route("/webhooks/{id}/cancel", post(webhooks::cancel))
+        .route("/webhooks/{id}/pause", post(webhooks::pause))
+        .route("/webhooks/{id}/resume", post(webhooks::resume))
         .route("/webhooks/{id}/test", post(events::test_send))
         .route("/storage/backup", post(storage::backup))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -172,7 +174,8 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
             for w in config.webhooks() {
                 let s = store.webhook_stats(&w.id)?;
                 waiting += s.count(Status::Pending) + s.count(Status::Retrying);
-                webhooks.push((w.id, s.consecutive_failures, s.last_success_ms.map(|t| t as f64 / 1000.0)));
+                let last_success = s.last_success_ms.map(|t| t as f64 / 1000.0);
+                webhooks.push((w.id, s.consecutive_failures, last_success, s.paused.is_some()));
             }
             let oldest = store.oldest_due_ms(now)?;
             let due_now = store.count_due(now)?;

@@ -1,6 +1,8 @@
 //! Per-webhook calls: configuration and health, the delivery log, recovery,
 //! cancelling what waits.
 
+use std::collections::HashSet;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -11,7 +13,8 @@ use uuid::Uuid;
 use super::{attempt_json, configured, enabled, parse_id, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
-use crate::store::{first_seq_at, seq_time_ms, Status, WebhookStats};
+use crate::dispatch;
+use crate::store::{first_seq_at, seq_time_ms, PauseReason, Paused, Status, WebhookStats};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -37,14 +40,56 @@ fn webhook_json(w: &Webhook, stats: &WebhookStats) -> Value {
         "enabled": w.enabled,
         "standard_webhooks": w.standard_key.is_some(),
         "secret": "<redacted>",
+        "state": if stats.paused.is_some() { "paused" } else { "active" },
+        "paused_reason": stats.paused.map(|p| p.reason.as_str()),
+        "paused_at": stats.paused.map(|p| clock::format_ms(p.at_ms)),
         "health": {
             "last_success_at": stats.last_success_ms.map(clock::format_ms),
             "last_failure_at": stats.last_failure_ms.map(clock::format_ms),
             "last_failure": stats.last_failure,
             "consecutive_failures": stats.consecutive_failures,
+            "failing_since": stats.failing_since_ms.map(clock::format_ms),
+            "recent_attempts": stats.success_rate().map_or(0, |(_, n)| n),
+            "recent_success_rate": stats.success_rate().map(|(rate, _)| rate),
             "deliveries": counts,
         },
     })
+}
+
+/// `POST /v1/webhooks/{id}/pause`: its deliveries are held, not attempted,
+/// until it is resumed. Pausing a paused webhook keeps its first reason.
+pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let config = state.config.get();
+    let webhook = configured(&config, &id)?;
+    let paused = Paused { reason: PauseReason::Operator, at_ms: clock::now_ms() };
+    if state.store.pause(id, paused).await?.is_none() {
+        let held = dispatch::hold_waiting(&state.store, &HashSet::from([id])).await?;
+        tracing::info!(webhook_id = %id, held, "webhook paused by an operator");
+    }
+    let stats = stats_of(&state, vec![id]).await?;
+    Ok(Json(webhook_json(webhook, &stats[0])))
+}
+
+/// `POST /v1/webhooks/{id}/resume`: the webhook is active again, and its
+/// held deliveries are due now, oldest first (if it is enabled: a disabled
+/// one's stay held until a reload enables it).
+pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let config = state.config.get();
+    let webhook = configured(&config, &id)?;
+    let was = state.store.resume(id).await?;
+    let released = match webhook.enabled {
+        true => dispatch::release_held(&state.store, &state.dispatcher, id).await?,
+        false => 0,
+    };
+    if let Some(was) = was {
+        tracing::info!(webhook_id = %id, released, paused = was.reason.as_str(), "webhook resumed");
+    }
+    let stats = stats_of(&state, vec![id]).await?;
+    let mut answer = webhook_json(webhook, &stats[0]);
+    answer["released"] = json!(released);
+    Ok(Json(answer))
 }
 
 /// `GET /v1/webhooks`.

@@ -11,6 +11,7 @@ mod crash;
 mod delivery;
 mod disk_full;
 mod faults;
+mod health;
 mod ingest;
 mod operations;
 mod powercut;

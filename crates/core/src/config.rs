@@ -38,6 +38,12 @@ pub const TOKEN_ENV: &str = "NEXOR_WEBHOOKD_API_TOKEN";
 const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
 const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Svix disables an endpoint after five days of failures; a small install
+/// has an admin who reads the notification sooner, and holding a day's
+/// deliveries costs little.
+const DEFAULT_PAUSE_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// So that one failure after a long quiet spell does not pause at once.
+const DEFAULT_PAUSE_MIN_FAILURES: u64 = 5;
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,6 +110,10 @@ pub struct Delivery {
     pub retry_jitter: f64,
     /// The most a receiver's `Retry-After` may push a retry back.
     pub max_retry_after: Duration,
+    /// A webhook whose attempts have all failed for this long (and at least
+    /// `pause_min_failures` times) is paused; `None`: never.
+    pub pause_after: Option<Duration>,
+    pub pause_min_failures: u32,
 }
 
 #[derive(Debug)]
@@ -118,6 +128,8 @@ pub struct Webhook {
     pub enabled: bool,
     /// Also send the Standard Webhooks headers, keyed by this (decoded) key.
     pub standard_key: Option<Secret<Vec<u8>>>,
+    /// This webhook's `pause_after` (see [`Delivery::pause_after`]).
+    pub pause_after: Option<Duration>,
 }
 
 /// A string that never shows itself in `Debug` output or logs.
@@ -331,6 +343,8 @@ struct RawDelivery {
     per_webhook_in_flight: Option<Spanned<u64>>,
     retry_jitter: Option<Spanned<f64>>,
     max_retry_after: Option<Spanned<String>>,
+    pause_after: Option<Spanned<String>>,
+    pause_min_failures: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +362,7 @@ struct RawWebhook {
     enabled: bool,
     #[serde(default)]
     standard_webhooks: bool,
+    pause_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -388,6 +403,14 @@ impl Checker<'_> {
                 format!("{key}: {:?} is not a duration like \"10s\" or \"5m\" ({e})", v.get_ref()),
             ),
         }
+    }
+
+    /// A duration, or `"never"`: `Some(None)`.
+    fn duration_or_never(&mut self, v: &Spanned<String>, key: &str) -> Option<Option<Duration>> {
+        if v.get_ref() == "never" {
+            return Some(None);
+        }
+        self.duration(v, key).map(Some)
     }
 
     fn uuid(&mut self, v: &Spanned<String>, key: &str) -> Option<Uuid> {
@@ -617,6 +640,14 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
         None => Some(DEFAULT_MAX_RETRY_AFTER),
         Some(v) => c.duration(v, "max_retry_after"),
     };
+    let pause_after = match &raw.delivery.pause_after {
+        None => Some(Some(DEFAULT_PAUSE_AFTER)),
+        Some(v) => c.duration_or_never(v, "pause_after"),
+    };
+    let pause_min_failures = match &raw.delivery.pause_min_failures {
+        None => Some(DEFAULT_PAUSE_MIN_FAILURES),
+        Some(v) => c.positive(v, "pause_min_failures"),
+    };
     let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
 
     let mut seen = HashSet::new();
@@ -654,6 +685,10 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             })
             .collect();
         let events = check_events(&mut c, &w.events);
+        let webhook_pause_after = match &w.pause_after {
+            None => pause_after,
+            Some(v) => c.duration_or_never(v, "pause_after"),
+        };
         let standard_key = match (w.standard_webhooks, &secret) {
             (false, _) | (true, None) => Some(None),
             (true, Some(s)) => match sign::standard_key(s.expose()) {
@@ -664,8 +699,15 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
                 }
             },
         };
-        if let (Some(id), Some(client_id), Some(url), Some(secret), Some(events), Some(standard_key)) =
-            (id, client_id, url, secret, events, standard_key)
+        if let (
+            Some(id),
+            Some(client_id),
+            Some(url),
+            Some(secret),
+            Some(events),
+            Some(standard_key),
+            Some(pause_after),
+        ) = (id, client_id, url, secret, events, standard_key, webhook_pause_after)
         {
             webhooks.push(Webhook {
                 id,
@@ -676,6 +718,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
                 events,
                 enabled: w.enabled,
                 standard_key,
+                pause_after,
             });
         }
     }
@@ -718,6 +761,8 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             per_webhook_in_flight: per_webhook_in_flight.unwrap() as usize,
             retry_jitter: retry_jitter.unwrap(),
             max_retry_after: max_retry_after.unwrap(),
+            pause_after: pause_after.unwrap(),
+            pause_min_failures: pause_min_failures.unwrap() as u32,
         },
         warnings: match listen {
             Some(addr) if placeholders && !addr.ip().is_loopback() => vec![format!(
@@ -1145,6 +1190,27 @@ events = ["meeting.scheduled"]
         let both = text.replace("[server]\n", "[server]\napi_token = \"x\"\n");
         assert!(parse(&both).unwrap_err()[0].message.contains("not both"));
         assert_eq!(parse(GOOD).unwrap().server.api_token.as_ref().unwrap().expose(), "env-t0ken");
+    }
+
+    #[test]
+    fn pausing_a_failing_webhook_has_a_default_a_per_webhook_value_and_never() {
+        let c = parse(GOOD, Path::new("/")).unwrap();
+        assert_eq!(c.delivery.pause_after, Some(Duration::from_secs(24 * 3600)));
+        assert_eq!(c.delivery.pause_min_failures, 5);
+        assert_eq!(c.webhooks()[0].pause_after, c.delivery.pause_after);
+        let text = GOOD
+            .replace("[delivery]\n", "[delivery]\npause_after = \"never\"\npause_min_failures = 2\n")
+            .replace("events = [", "pause_after = \"10m\"\nevents = [");
+        let c = parse(&text, Path::new("/")).unwrap();
+        assert_eq!((c.delivery.pause_after, c.delivery.pause_min_failures), (None, 2));
+        assert_eq!(c.webhooks()[0].pause_after, Some(Duration::from_secs(600)));
+        let bad = GOOD.replace("events = [", "pause_after = \"soon\"\nevents = [");
+        assert_eq!(errors(&bad)[0].0, Some(18));
+        assert!(
+            errors(&bad)[0].1.starts_with("pause_after: \"soon\" is not a duration"),
+            "{:?}",
+            errors(&bad)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock, RwLock};
 
 use uuid::Uuid;
 
@@ -46,7 +46,11 @@ pub enum Request {
 /// The writes a batch is made of, each with its callback.
 pub enum Op {
     Ingest(NewEvent, Then<Ingested>),
-    Record(Outcome, Then<()>),
+    /// Answers the webhook's pause if this outcome paused it.
+    Record(Outcome, Then<Option<Paused>>),
+    /// Pause the webhook (`Some`) or make it active; answers the pause it
+    /// had before.
+    SetPaused(Uuid, Option<Paused>, Then<Option<Paused>>),
     /// Queue these deliveries for an attempt now, if their status is in `from`.
     Requeue {
         keys: Vec<DeliveryKey>,
@@ -122,6 +126,7 @@ impl Op {
             // The event, then per webhook its delivery and (once a batch) its stats.
             Op::Ingest(e, _) => 2 + 2 * e.record.webhooks.len(),
             Op::Record(..) | Op::SetAside(..) => 2,
+            Op::SetPaused(..) => 1,
             Op::Requeue { keys, .. } | Op::Stop { keys, .. } | Op::Index(keys, _) => 2 * keys.len(),
             Op::Prune(seqs, _) => (2 * seqs.len()).min(MAX_BATCH_WRITES),
         }
@@ -131,7 +136,8 @@ impl Op {
     fn refused(self, e: StoreError) -> Answer {
         match self {
             Op::Ingest(_, then) => answer(Err(e), then),
-            Op::Record(_, then) | Op::SetAside(_, then) => answer(Err(e), then),
+            Op::Record(_, then) | Op::SetPaused(_, _, then) => answer(Err(e), then),
+            Op::SetAside(_, then) => answer(Err(e), then),
             Op::Requeue { then, .. } | Op::Index(_, then) => answer(Err(e), then),
             Op::Stop { then, .. } => answer(Err(e), then),
             Op::Prune(_, then) => answer(Err(e), then),
@@ -189,6 +195,32 @@ pub struct Committer {
     pub mark: Mark,
     pub liveness: Arc<super::Liveness>,
     pub failure: Failure,
+    /// The paused webhooks, for readers that must not wait for sled.
+    pub paused: Arc<PausedWebhooks>,
+}
+
+/// The paused webhooks as the committer last changed them, for readers on
+/// any thread (the delivery workers ask before each attempt): a lock held
+/// for a lookup, never across a sled call.
+#[derive(Default)]
+pub struct PausedWebhooks(RwLock<HashMap<Uuid, Paused>>);
+
+impl PausedWebhooks {
+    pub fn get(&self, webhook: &Uuid) -> Option<Paused> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(webhook).copied()
+    }
+
+    pub fn all(&self) -> HashMap<Uuid, Paused> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, webhook: Uuid, paused: Option<Paused>) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match paused {
+            Some(p) => map.insert(webhook, p),
+            None => map.remove(&webhook),
+        };
+    }
 }
 
 /// The first failure sled does not come back from, shared by the committer
@@ -440,6 +472,7 @@ impl Committer {
         match op {
             Op::Ingest(ev, then) => applied(self.ingest(p, ev), then),
             Op::Record(o, then) => applied(self.record(p, o), then),
+            Op::SetPaused(webhook, paused, then) => applied(self.set_paused(p, webhook, paused), then),
             Op::Requeue { keys, from, then } => applied(self.requeue(p, keys, from), then),
             Op::Stop { mut keys, webhooks, to, then } => {
                 keys.extend(self.unindexed.to_webhooks(&p.unindexed, &webhooks));
@@ -521,29 +554,57 @@ impl Committer {
         })
     }
 
-    fn record(&mut self, p: &mut Pending, o: Outcome) -> Result<(), StoreError> {
-        let Outcome { key, attempt, status, next_attempt_at } = o;
-        let health = attempt.as_ref().map(|a| (a.started_at_ms, a.error.clone()));
+    /// Records an attempt's outcome and counts it in its webhook's health;
+    /// answers the webhook's pause if this outcome paused it. A delivery of
+    /// a paused webhook that still waits is held instead of retried.
+    fn record(&mut self, p: &mut Pending, o: Outcome) -> Result<Option<Paused>, StoreError> {
+        let Outcome { key, attempt, mut status, mut next_attempt_at, pause } = o;
+        let now = clock::now_ms();
+        let mut newly = None;
+        if let Some(a) = &attempt {
+            let failure = if status == Status::Succeeded { Ok(()) } else { Err(a.error.clone()) };
+            let at = a.started_at_ms;
+            let was_paused = self.stats_of(&key.webhook)?.paused.is_some();
+            self.update_stats(p, &key.webhook, |s| {
+                s.attempted(at, failure);
+                // The run's length is measured to this attempt's start.
+                if let Some(reason) = pause.and_then(|rule| s.pauses(rule, at)).filter(|_| !was_paused) {
+                    let paused = Paused { reason, at_ms: now };
+                    s.paused = Some(paused);
+                    newly = Some(paused);
+                }
+            })?;
+            if let Some(paused) = newly {
+                self.paused.set(key.webhook, Some(paused));
+            }
+        }
+        if !status.is_final() && self.stats_of(&key.webhook)?.paused.is_some() {
+            (status, next_attempt_at) = (Status::Held, None);
+        }
         self.update_delivery(p, key, |r| {
             r.attempts.extend(attempt);
             r.status = status;
             r.next_attempt_at = next_attempt_at;
             true
         })?;
-        if let Some((at, error)) = health {
-            self.update_stats(p, &key.webhook, |s| match (status, error) {
-                (Status::Succeeded, _) => {
-                    s.last_success_ms = Some(at);
-                    s.consecutive_failures = 0;
-                }
-                (_, error) => {
-                    s.last_failure_ms = Some(at);
-                    s.last_failure = error;
-                    s.consecutive_failures += 1;
-                }
-            })?;
+        Ok(newly)
+    }
+
+    /// Pauses a webhook or makes it active; answers its pause before.
+    fn set_paused(
+        &mut self,
+        p: &mut Pending,
+        webhook: Uuid,
+        paused: Option<Paused>,
+    ) -> Result<Option<Paused>, StoreError> {
+        let before = self.stats_of(&webhook)?.paused;
+        // Pausing again keeps the first reason and time.
+        let after = paused.map(|p| before.unwrap_or(p));
+        if after != before {
+            self.update_stats(p, &webhook, |s| s.paused = after)?;
+            self.paused.set(webhook, after);
         }
-        Ok(())
+        Ok(before)
     }
 
     fn requeue(
@@ -722,14 +783,20 @@ impl Committer {
         webhook: &Uuid,
         change: impl FnOnce(&mut WebhookStats),
     ) -> Result<(), StoreError> {
+        self.stats_of(webhook)?;
+        change(self.stats.get_mut(webhook).expect("just loaded"));
+        p.stats.insert(*webhook);
+        Ok(())
+    }
+
+    /// A webhook's stats as the batch so far leaves them, loaded on first use.
+    fn stats_of(&mut self, webhook: &Uuid) -> Result<&WebhookStats, StoreError> {
         if !self.stats.contains_key(webhook) {
             let key = keys::stats(webhook);
             let stored = self.db.get(key)?.map(|v| codec::decode(&key, &v)).transpose()?;
             self.stats.insert(*webhook, stored.unwrap_or_default());
         }
-        change(self.stats.get_mut(webhook).expect("just loaded"));
-        p.stats.insert(*webhook);
-        Ok(())
+        Ok(&self.stats[webhook])
     }
 }
 

@@ -30,7 +30,7 @@ pub const LAYOUT: [u8; 1] = [b'V'];
 pub const MARK: [u8; 1] = [b'C'];
 /// Bump when keys or records change shape; a database of another layout is
 /// refused at open rather than misread.
-pub const LAYOUT_VERSION: u8 = 5;
+pub const LAYOUT_VERSION: u8 = 6;
 
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))

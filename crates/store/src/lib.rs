@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use check::check_storage;
-use committer::{Committer, Failure, Op, Request, Then};
+use committer::{Committer, Failure, Op, PausedWebhooks, Request, Then};
 pub use copy::Copied;
 pub use records::*;
 use unindexed::Unindexed;
@@ -148,6 +148,7 @@ struct Inner {
     /// the committer.
     unindexed: Arc<unindexed::Gauge>,
     liveness: Arc<Liveness>,
+    paused: Arc<PausedWebhooks>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
 }
@@ -264,11 +265,11 @@ pub fn restore(from: &Path, to: &Path) -> Result<Copied, StoreError> {
 }
 
 /// Marks a new database with this build's layout, brings one of layout 2
-/// to 4 up to it; refuses one of another.
+/// to 5 up to it; refuses one of another.
 fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = match db.get(keys::LAYOUT)? {
         Some(v) if *v == [keys::LAYOUT_VERSION] => return Ok(()),
-        Some(v) if (2..=4).contains(&v[0]) && v.len() == 1 => return upgrade(db, v[0]),
+        Some(v) if (2..=5).contains(&v[0]) && v.len() == 1 => return upgrade(db, v[0]),
         Some(v) => Some(format!("layout {}", v.first().copied().unwrap_or(0))),
         None if db.is_empty() => None,
         None => Some("data of an earlier development build (layout 1)".into()),
@@ -283,10 +284,11 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Brings a database of layout 2, 3 or 4 up to 5, in one batch. Layout 2
+/// Brings a database of layout 2 to 5 up to 6, in one batch. Layout 2
 /// lacks the per-second counts of the due index (`H`); layout 3 lacks
 /// nothing else (layout 4's `F` ranges are only ever made by layout 4 and
-/// later builds); layouts 2 to 4 store webhook stats without a `held` count.
+/// later builds); layouts 2 to 4 store webhook stats without a `held`
+/// count, and layouts 2 to 5 without the pause state and recent attempts.
 fn upgrade(db: &sled::Db, from: u8) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     if from == 2 {
@@ -300,7 +302,10 @@ fn upgrade(db: &sled::Db, from: u8) -> Result<(), StoreError> {
     }
     for kv in db.scan_prefix([keys::STATS]) {
         let (k, v) = kv?;
-        let old: WebhookStatsV4 = codec::decode(&k, &v)?;
+        let old: WebhookStatsV5 = match from {
+            5 => codec::decode(&k, &v)?,
+            _ => codec::decode::<WebhookStatsV4>(&k, &v)?.into(),
+        };
         batch.insert(k, codec::encode(&WebhookStats::from(old)));
     }
     batch.insert(&keys::LAYOUT[..], &[keys::LAYOUT_VERSION][..]);
@@ -356,6 +361,15 @@ impl Store {
         let (requests, rx) = mpsc::channel();
         let unindexed = Arc::new(unindexed::Gauge::default());
         let liveness = Arc::new(Liveness::default());
+        let paused = Arc::new(PausedWebhooks::default());
+        for kv in db.scan_prefix([keys::STATS]) {
+            let (k, v) = kv?;
+            if let (Some(p), Ok(webhook)) =
+                (codec::decode::<WebhookStats>(&k, &v)?.paused, Uuid::from_slice(&k[1..]))
+            {
+                paused.set(webhook, Some(p));
+            }
+        }
         let mut committer = Committer {
             db: db.clone(),
             last_seq,
@@ -367,6 +381,7 @@ impl Store {
             mark: durable::Mark { commits: stored.commits, last_seq },
             liveness: liveness.clone(),
             failure: Failure { first: Default::default(), report: options.on_failure },
+            paused: paused.clone(),
         };
         // Before anything reads the due index, it must hold every delivery
         // waiting for an attempt.
@@ -387,6 +402,7 @@ impl Store {
             committer: Some(committer),
             unindexed,
             liveness,
+            paused,
             _unlocked: unlocked,
         };
         Ok(Store { inner: Arc::new(inner) })
@@ -444,8 +460,36 @@ impl Store {
 
     /// Records an attempt's outcome without waiting: `then` is called (on the
     /// committer's thread, so it must be quick) once it is on disk or failed.
-    pub fn record_then(&self, outcome: Outcome, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+    pub fn record_then(
+        &self,
+        outcome: Outcome,
+        then: impl FnOnce(Result<Option<Paused>, StoreError>) + Send + 'static,
+    ) {
         self.send(|t| Op::Record(outcome, t), then);
+    }
+
+    /// Pauses `webhook` (its deliveries are held from now on: those that
+    /// wait are the caller's to hold, see [`Store::hold`]); answers the
+    /// pause it had before, which stays if it had one.
+    pub async fn pause(&self, webhook: Uuid, paused: Paused) -> Result<Option<Paused>, StoreError> {
+        self.call(|then| Op::SetPaused(webhook, Some(paused), then)).await
+    }
+
+    /// Makes `webhook` active again (its held deliveries are the caller's to
+    /// release, see [`Store::requeue`]); answers the pause it had.
+    pub async fn resume(&self, webhook: Uuid) -> Result<Option<Paused>, StoreError> {
+        self.call(|then| Op::SetPaused(webhook, None, then)).await
+    }
+
+    /// Whether `webhook` is paused, and why: from memory, never waiting for
+    /// sled, so any thread may ask.
+    pub fn paused(&self, webhook: &Uuid) -> Option<Paused> {
+        self.inner.paused.get(webhook)
+    }
+
+    /// Every paused webhook.
+    pub fn paused_webhooks(&self) -> std::collections::HashMap<Uuid, Paused> {
+        self.inner.paused.all()
     }
 
     /// Takes a due entry whose records cannot be read out of the due index
@@ -818,10 +862,10 @@ mod tests {
         store.new_reader()
     }
 
-    async fn record_outcome(store: &Store, o: Outcome) {
+    async fn record_outcome(store: &Store, o: Outcome) -> Option<Paused> {
         let (tx, rx) = oneshot::channel();
         store.record_then(o, move |r| drop(tx.send(r)));
-        rx.await.unwrap().unwrap();
+        rx.await.unwrap().unwrap()
     }
 
     /// Works on the database under `dir` with sled directly; returns once
@@ -851,7 +895,7 @@ mod tests {
 
     /// Records an outcome without an attempt to show for it.
     async fn record_status(store: &Store, key: DeliveryKey, status: Status, next_attempt_at: Option<i64>) {
-        record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at }).await;
+        record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at, pause: None }).await;
     }
 
     #[test]
@@ -901,6 +945,99 @@ mod tests {
             (Some(11), 4, 3)
         );
         assert_eq!(stats.count(Status::Held), 0);
+        drop(store);
+        raw(dir.path(), |db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
+    }
+
+    /// A failed attempt of `key` at `at_ms`, retried later, under `pause`.
+    fn failed_at(key: DeliveryKey, at_ms: i64, pause: Option<PauseRule>) -> Outcome {
+        let attempt = Attempt {
+            delivery_id: Uuid::new_v4(),
+            started_at_ms: at_ms,
+            duration_ms: 1,
+            status_code: Some(500),
+            error: Some("HTTP 500".into()),
+            response_body: String::new(),
+        };
+        Outcome {
+            key,
+            attempt: Some(attempt),
+            status: Status::Retrying,
+            next_attempt_at: Some(clock::now_ms() + 60_000),
+            pause,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_streak_or_a_gone_answer_pauses_and_holds_what_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, gone) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]));
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let mut keys = Vec::new();
+        for id in 1..=4 {
+            let Ingested::Accepted { due, .. } = store.ingest(new(id, "{}", &[w, gone])).await.unwrap()
+            else {
+                panic!("a new event")
+            };
+            keys.push(due.iter().map(|d| d.key).collect::<Vec<_>>());
+        }
+        let now = clock::now_ms();
+        let rule = Some(PauseRule::Failing { for_ms: 10_000, attempts: 3 });
+        // Three failures, but within 10 s of the first: not yet.
+        for k in &keys[..3] {
+            assert_eq!(record_outcome(&store, failed_at(k[0], now - 5_000, rule)).await, None);
+        }
+        // A fourth, with the run now 10 s long and 4 failures: paused.
+        let paused = record_outcome(&store, failed_at(keys[3][0], now + 5_000, rule)).await;
+        assert_eq!(paused.map(|p| p.reason), Some(PauseReason::Failing));
+        assert_eq!(store.paused(&w), paused);
+        let delivery = |k| reads(&store).delivery(k).unwrap().unwrap();
+        assert_eq!((delivery(keys[3][0]).status, delivery(keys[3][0]).next_attempt_at), (Status::Held, None));
+        assert_eq!(delivery(keys[2][0]).status, Status::Retrying, "the rest are the caller's to hold");
+        // Another outcome of the paused webhook: held too, no second pause.
+        assert_eq!(record_outcome(&store, failed_at(keys[2][0], now + 6_000, rule)).await, None);
+        assert_eq!(delivery(keys[2][0]).status, Status::Held);
+        let stats = reads(&store).webhook_stats(&w).unwrap();
+        assert_eq!((stats.consecutive_failures, stats.failing_since_ms), (5, Some(now - 5_000)));
+        assert_eq!(stats.success_rate(), Some((0.0, 5)));
+        assert_eq!(stats.count(Status::Held), 2);
+
+        // 410 Gone pauses at once, on the first attempt.
+        let paused = record_outcome(&store, failed_at(keys[0][1], now, Some(PauseRule::Gone))).await;
+        assert_eq!(paused.map(|p| p.reason), Some(PauseReason::Gone));
+        assert_eq!(delivery(keys[0][1]).status, Status::Held);
+
+        // An operator's pause keeps the first reason; resuming answers it.
+        let again = Paused { reason: PauseReason::Operator, at_ms: now };
+        assert_eq!(store.pause(w, again).await.unwrap(), store.paused(&w));
+        assert_eq!(store.paused(&w).map(|p| p.reason), Some(PauseReason::Failing));
+        assert_eq!(store.resume(w).await.unwrap().map(|p| p.reason), Some(PauseReason::Failing));
+        assert_eq!((store.paused(&w), store.resume(w).await.unwrap()), (None, None));
+        assert_eq!(store.pause(w, again).await.unwrap(), None);
+        drop(store);
+        // The pause is stored: a new start knows it.
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        assert_eq!(store.paused(&w), Some(again));
+        assert_eq!(store.paused_webhooks().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_layout_5_database_keeps_its_stats_and_starts_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Uuid::from_bytes([7; 16]);
+        drop(Store::open(dir.path(), &OPTIONS).unwrap());
+        // Stats as layout 5 stored them: six counts, no pause or recent attempts.
+        let old = (None::<i64>, Some(20i64), Some("HTTP 500".to_owned()), 2u32, [1u64, 2, 0, 0, 0, 5]);
+        raw(dir.path(), |db| {
+            db.insert(keys::stats(&w), codec::encode(&old)).unwrap();
+            db.insert(keys::LAYOUT, &[5]).unwrap();
+        });
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let stats = reads(&store).webhook_stats(&w).unwrap();
+        assert_eq!((stats.consecutive_failures, stats.failing_since_ms, stats.paused), (2, Some(20), None));
+        assert_eq!((stats.count(Status::Retrying), stats.count(Status::Held)), (2, 5));
+        assert_eq!(stats.success_rate(), None);
+        assert_eq!(store.paused(&w), None);
         drop(store);
         raw(dir.path(), |db| assert_eq!(db.get(keys::LAYOUT).unwrap().unwrap(), [keys::LAYOUT_VERSION]));
     }
@@ -1225,6 +1362,7 @@ mod tests {
             attempt: Some(attempt(Some("HTTP 500"))),
             status: Status::Failed,
             next_attempt_at: None,
+            pause: None,
         };
         record_outcome(&store, fail(keys[0])).await;
         record_outcome(&store, fail(keys[1])).await;
@@ -1233,6 +1371,7 @@ mod tests {
             attempt: Some(attempt(None)),
             status: Status::Succeeded,
             next_attempt_at: None,
+            pause: None,
         };
         record_outcome(&store, ok).await;
         let stats = reads(&store).webhook_stats(&w).unwrap();

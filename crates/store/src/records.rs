@@ -51,7 +51,8 @@ pub struct Attempt {
     pub response_body: String,
 }
 
-/// A webhook's delivery health, kept up to date by the committer.
+/// A webhook's state and delivery health, kept up to date by the
+/// committer in the same batch as the deliveries they describe.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WebhookStats {
     pub last_success_ms: Option<i64>,
@@ -59,10 +60,69 @@ pub struct WebhookStats {
     pub last_failure: Option<String>,
     pub consecutive_failures: u32,
     by_status: [u64; 6],
+    /// When the current unbroken run of failed attempts began.
+    pub failing_since_ms: Option<i64>,
+    /// The last `recent_attempts` attempts (at most [`RECENT`]), newest in
+    /// bit 0: a set bit succeeded.
+    recent: u64,
+    recent_attempts: u8,
+    /// Set while the webhook is paused: its deliveries are held.
+    pub paused: Option<Paused>,
+}
+
+/// How many of a webhook's latest attempts its success rate covers.
+pub const RECENT: u8 = 64;
+
+/// Why and since when a webhook is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    pub reason: PauseReason,
+    pub at_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PauseReason {
+    /// The receiver answered `410 Gone`.
+    Gone,
+    /// Its attempts failed without a break for longer than its `pause_after`.
+    Failing,
+    /// An operator paused it.
+    Operator,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Gone => "gone",
+            PauseReason::Failing => "failing",
+            PauseReason::Operator => "operator",
+        }
+    }
+}
+
+/// When recording an attempt's outcome pauses its webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseRule {
+    /// At once: the receiver answered `410 Gone`.
+    Gone,
+    /// Once failures have run unbroken for at least `for_ms` and number at
+    /// least `attempts`.
+    Failing { for_ms: i64, attempts: u32 },
+}
+
+/// [`WebhookStats`] as layout 5 stored it, before pausing and the recent
+/// attempts: read only by the upgrade to layout 6.
+#[derive(Deserialize)]
+pub struct WebhookStatsV5 {
+    last_success_ms: Option<i64>,
+    last_failure_ms: Option<i64>,
+    last_failure: Option<String>,
+    consecutive_failures: u32,
+    by_status: [u64; 6],
 }
 
 /// [`WebhookStats`] as layouts 2 to 4 stored it, before `held`: read only
-/// by the upgrade to layout 5.
+/// by the upgrade.
 #[derive(Deserialize)]
 pub struct WebhookStatsV4 {
     last_success_ms: Option<i64>,
@@ -72,11 +132,11 @@ pub struct WebhookStatsV4 {
     by_status: [u64; 5],
 }
 
-impl From<WebhookStatsV4> for WebhookStats {
+impl From<WebhookStatsV4> for WebhookStatsV5 {
     fn from(old: WebhookStatsV4) -> Self {
         let mut by_status = [0; 6];
         by_status[..5].copy_from_slice(&old.by_status);
-        WebhookStats {
+        WebhookStatsV5 {
             last_success_ms: old.last_success_ms,
             last_failure_ms: old.last_failure_ms,
             last_failure: old.last_failure,
@@ -86,9 +146,66 @@ impl From<WebhookStatsV4> for WebhookStats {
     }
 }
 
+impl From<WebhookStatsV5> for WebhookStats {
+    fn from(old: WebhookStatsV5) -> Self {
+        WebhookStats {
+            last_success_ms: old.last_success_ms,
+            last_failure_ms: old.last_failure_ms,
+            last_failure: old.last_failure,
+            consecutive_failures: old.consecutive_failures,
+            by_status: old.by_status,
+            // The run's start is unknown: the last failure stands in, so a
+            // streak counts from no earlier than the upgrade knows of.
+            failing_since_ms: old.last_failure_ms.filter(|_| old.consecutive_failures > 0),
+            ..Default::default()
+        }
+    }
+}
+
 impl WebhookStats {
     pub fn count(&self, s: Status) -> u64 {
         self.by_status[s.index()]
+    }
+
+    /// Counts an attempt made at `at_ms`: its success, or its failure and
+    /// why.
+    pub(super) fn attempted(&mut self, at_ms: i64, failure: Result<(), Option<String>>) {
+        self.recent = (self.recent << 1) | failure.is_ok() as u64;
+        self.recent_attempts = (self.recent_attempts + 1).min(RECENT);
+        match failure {
+            Ok(()) => {
+                self.last_success_ms = Some(at_ms);
+                self.consecutive_failures = 0;
+                self.failing_since_ms = None;
+            }
+            Err(error) => {
+                self.last_failure_ms = Some(at_ms);
+                self.last_failure = error;
+                self.consecutive_failures += 1;
+                self.failing_since_ms.get_or_insert(at_ms);
+            }
+        }
+    }
+
+    /// Whether `rule` pauses the webhook after its last attempt, made at
+    /// `now_ms`.
+    pub(super) fn pauses(&self, rule: PauseRule, now_ms: i64) -> Option<PauseReason> {
+        match rule {
+            PauseRule::Gone => Some(PauseReason::Gone),
+            PauseRule::Failing { for_ms, attempts } => {
+                let since = self.failing_since_ms?;
+                (self.consecutive_failures >= attempts && now_ms.saturating_sub(since) >= for_ms)
+                    .then_some(PauseReason::Failing)
+            }
+        }
+    }
+
+    /// The share of the recent attempts that succeeded, and how many
+    /// attempts that is; `None` before the first attempt.
+    pub fn success_rate(&self) -> Option<(f64, u8)> {
+        let n = self.recent_attempts;
+        let mask = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        (n > 0).then(|| ((self.recent & mask).count_ones() as f64 / n as f64, n))
     }
 
     pub(super) fn moved(&mut self, from: Option<Status>, to: Option<Status>) {
@@ -174,6 +291,9 @@ pub struct Outcome {
     /// for one (`Retrying`, or `Pending` for a delivery put back before any
     /// attempt counted).
     pub next_attempt_at: Option<i64>,
+    /// What would pause the webhook after this attempt. Once it is paused
+    /// (by this outcome or before), a delivery still waiting is held.
+    pub pause: Option<PauseRule>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,136 @@
+//! Endpoint health: a webhook is paused by a `410 Gone`, by a long enough
+//! run of failures, or by an operator; its deliveries are held, never lost,
+//! and resuming sends them, oldest first.
+
+use std::time::Duration;
+
+use crate::common::*;
+use serde_json::Value;
+
+const W1: &str = "11111111-1111-4111-8111-111111111111";
+const W2: &str = "22222222-2222-4222-8222-222222222222";
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// The webhook's entry in `GET /v1/webhooks`.
+fn listed(d: &Daemon, id: &str) -> Value {
+    let (status, body) = d.get("/v1/webhooks");
+    assert_eq!(status, 200, "{body}");
+    body["webhooks"].as_array().unwrap().iter().find(|w| w["id"] == id).expect("webhook listed").clone()
+}
+
+fn delivery_status(d: &Daemon, event_id: &str) -> String {
+    d.event(event_id)["deliveries"][0]["status"].as_str().unwrap().to_owned()
+}
+
+fn send(d: &Daemon, n: u32) -> String {
+    let (status, body) = d.send("meeting.scheduled", CLIENT_A, &format!(r#"{{"n":{n}}}"#));
+    assert_eq!(status, 202, "{body}");
+    body["event_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_gone_answer_pauses_and_holds_until_an_operator_resumes() {
+    let rx = Receiver::start();
+    // One attempt at a time, so that arrival order is the order of release.
+    let delivery =
+        "[delivery]\nretry_schedule = [\"100ms\"]\nallow_private_targets = true\nper_webhook_in_flight = 1\n\n";
+    let gone = format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/code/410/gone"), r#"["*"]"#));
+    let mut d = Daemon::start("", &gone);
+    let first = send(&d, 1);
+    wait_for("the webhook to be paused", SETTLE, || listed(&d, W1)["state"] == "paused");
+    let w = listed(&d, W1);
+    assert_eq!(w["paused_reason"], "gone", "{w}");
+    assert!(w["paused_at"].is_string(), "{w}");
+    assert_eq!(w["health"]["recent_attempts"], 1, "{w}");
+    assert_eq!(w["health"]["recent_success_rate"], 0.0, "{w}");
+    // The delivery that got the 410 is held, not retried.
+    assert_eq!(delivery_status(&d, &first), "held");
+    // New events still make their deliveries, held too; nothing is sent.
+    let second = send(&d, 2);
+    wait_for("the new delivery to be held", SETTLE, || delivery_status(&d, &second) == "held");
+    assert_eq!(rx.hits_on("/code/410/gone").len(), 1);
+    let (_, metrics) = d.get("/metrics");
+    assert!(metrics.as_str().unwrap().contains("nexor_webhookd_webhooks{state=\"paused\"} 1"), "{metrics}");
+
+    // A pause outlives a restart and a reload.
+    assert_eq!(d.terminate(), Some(0));
+    d.write_config(&format!("{delivery}{}", webhook(W1, CLIENT_A, &rx.url("/ok/back"), r#"["*"]"#)));
+    d.start_again();
+    assert_eq!(listed(&d, W1)["state"], "paused");
+    d.signal(Signal::HUP);
+    d.wait_log("config reloaded", 1);
+    assert_eq!(listed(&d, W1)["state"], "paused");
+    assert_eq!(delivery_status(&d, &second), "held");
+
+    // The CLI resumes it: both arrive, oldest first.
+    let (code, out, err) = d.cli(&["resume", "--webhook-id", W1]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((answer["state"].as_str(), answer["released"].as_u64()), (Some("active"), Some(2)), "{out}");
+    d.wait_settled(&second, &["succeeded"], SETTLE);
+    d.wait_settled(&first, &["succeeded"], SETTLE);
+    let order: Vec<u64> =
+        rx.hits_on("/ok/back").iter().map(|h| h.json()["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(order, [1, 2]);
+}
+
+#[test]
+fn a_long_enough_run_of_failures_pauses_and_other_webhooks_go_on() {
+    let rx = Receiver::start();
+    let rest = format!(
+        "[delivery]\nretry_schedule = [\"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\"]\n\
+         allow_private_targets = true\npause_after = \"250ms\"\npause_min_failures = 3\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/fail/w1"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &rx.url("/ok/w2"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &rest);
+    let first = send(&d, 1);
+    wait_for("W1 to be paused", SETTLE, || listed(&d, W1)["state"] == "paused");
+    let w = listed(&d, W1);
+    assert_eq!(w["paused_reason"], "failing", "{w}");
+    let failures = w["health"]["consecutive_failures"].as_u64().unwrap();
+    // Paused at the first failure that ended a run of at least 3 and 250 ms:
+    // not given up on (6 retries were left), held.
+    assert!((3..7).contains(&failures), "{w}");
+    assert!(w["health"]["failing_since"].is_string(), "{w}");
+    let event = d.event(&first);
+    let to_w1 = event["deliveries"].as_array().unwrap().iter().find(|x| x["webhook_id"] == W1).unwrap();
+    assert_eq!(to_w1["status"], "held", "{event}");
+    assert_eq!(to_w1["attempts"].as_array().unwrap().len() as u64, failures);
+    // The healthy webhook is untouched.
+    assert_eq!(listed(&d, W2)["state"], "active");
+    assert_eq!(rx.hits_on("/ok/w2").len(), 1);
+    assert_eq!(listed(&d, W2)["health"]["recent_success_rate"], 1.0);
+}
+
+#[test]
+fn an_operator_pauses_and_resumes_over_the_api() {
+    let rx = Receiver::start();
+    let rest = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &rest);
+    let (status, body) = d.post(&format!("/v1/webhooks/{W1}/pause"), "");
+    assert_eq!(
+        (status, body["state"].as_str(), body["paused_reason"].as_str()),
+        (200, Some("paused"), Some("operator"))
+    );
+    let held = send(&d, 1);
+    wait_for("the delivery to be held", SETTLE, || delivery_status(&d, &held) == "held");
+    assert!(rx.hits().is_empty());
+    // Pausing again changes nothing; a webhook that is not configured is a 404.
+    let (status, again) = d.post(&format!("/v1/webhooks/{W1}/pause"), "");
+    assert_eq!((status, &again["paused_at"]), (200, &body["paused_at"]));
+    let (status, _) = d.post(&format!("/v1/webhooks/{W2}/pause"), "");
+    assert_eq!(status, 404);
+    let (status, body) = d.post(&format!("/v1/webhooks/{W1}/resume"), "");
+    assert_eq!(
+        (status, body["state"].as_str(), body["released"].as_u64()),
+        (200, Some("active"), Some(1)),
+        "{body}"
+    );
+    assert_eq!(body["paused_reason"], Value::Null);
+    d.wait_settled(&held, &["succeeded"], SETTLE);
+    assert_eq!(rx.hits_on("/ok/w1").len(), 1);
+}
