@@ -123,10 +123,27 @@ impl Sender {
         Sender { agent: ureq::Agent::with_parts(config, connector, resolver), timeout }
     }
 
-    /// POSTs `body` with `headers`; any 2xx is success.
-    pub fn post(&self, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+    /// POSTs `body` with `headers`; any 2xx is success. `timeout`, if
+    /// given, bounds each phase instead of the agent's.
+    pub fn post(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Option<Duration>,
+    ) -> Answer {
         let start = Instant::now();
         let mut req = self.agent.post(url);
+        if let Some(t) = timeout {
+            req = req
+                .config()
+                .timeout_connect(Some(t))
+                .timeout_send_request(Some(t))
+                .timeout_send_body(Some(t))
+                .timeout_recv_response(Some(t))
+                .timeout_recv_body(Some(t))
+                .build();
+        }
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
@@ -151,7 +168,7 @@ impl Sender {
                 }
             }
             Err(e) => {
-                let (class, reason) = explain(&e, self.timeout);
+                let (class, reason) = explain(&e, timeout.unwrap_or(self.timeout));
                 (class, None, Some(reason), String::new())
             }
         };

@@ -18,7 +18,7 @@
 //! and are awaited in turn, like a message. The workers are plain threads
 //! and read with a [`Reader`] of their own.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -32,7 +32,7 @@ use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
-use crate::schedule::{self, Ended, Policy, Queue, Refill};
+use crate::schedule::{self, Ended, Limits, Policy, Queue, Refill};
 use crate::sign;
 use crate::store::{
     Attempt, DeliveryKey, Due, EventRecord, Outcome, PauseRule, Reader, Status, Store, StoreError,
@@ -163,7 +163,15 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
         .collect();
     let shutdown = Arc::new(Notify::new());
     let per_webhook = config.get().delivery.per_webhook_in_flight;
-    let task = tokio::spawn(run(store, (tx.clone(), rx), jobs, max_in_flight, per_webhook, shutdown.clone()));
+    let task = tokio::spawn(run(
+        store,
+        config,
+        (tx.clone(), rx),
+        jobs,
+        max_in_flight,
+        per_webhook,
+        shutdown.clone(),
+    ));
     Engine { handle: Dispatcher { tx }, shutdown, task, workers }
 }
 
@@ -185,6 +193,7 @@ impl Engine {
 
 async fn run(
     store: Store,
+    config: config::Shared,
     (tx, mut rx): (mpsc::UnboundedSender<Msg>, mpsc::UnboundedReceiver<Msg>),
     jobs: Arc<Jobs>,
     max_in_flight: usize,
@@ -196,7 +205,15 @@ async fn run(
     let mut queue = Queue::new(WINDOW, CAPACITY, per_webhook);
     let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
+    let mut limits_from: Option<Arc<Config>> = None;
     loop {
+        // The webhooks' own limits, from the config in force (a reload
+        // swaps it whole).
+        let current = config.get();
+        if !limits_from.as_ref().is_some_and(|c| Arc::ptr_eq(c, &current)) {
+            queue.set_limits(limits(&current));
+            limits_from = Some(current);
+        }
         let mut now = clock::now_ms() as u64;
         if now >= store_failing_until && queue.refill(now).is_some() {
             // Nothing else happens meanwhile (messages wait in the channel),
@@ -242,6 +259,16 @@ async fn run(
             _ = shutdown.notified() => return,
         }
     }
+}
+
+/// The limits of the webhooks that set their own.
+fn limits(config: &Config) -> HashMap<Uuid, Limits> {
+    config
+        .webhooks()
+        .iter()
+        .filter(|w| w.rate_limit.is_some() || w.max_in_flight.is_some())
+        .map(|w| (w.id, Limits { in_flight: w.max_in_flight, rate: w.rate_limit }))
+        .collect()
 }
 
 /// A job: a due entry, and its event if this is the delivery's first attempt.
@@ -532,7 +559,12 @@ impl Worker {
                         ("webhook-signature", sig.as_str()),
                     ]);
                 }
-                let answer = sender.post(&webhook.url, &headers, &body);
+                // The webhook's own headers; its User-Agent replaces ours.
+                if webhook.headers.iter().any(|(name, _)| name == "user-agent") {
+                    headers.retain(|(name, _)| *name != "User-Agent");
+                }
+                headers.extend(webhook.headers.iter().map(|(n, v)| (n.as_str(), v.expose().as_str())));
+                let answer = sender.post(&webhook.url, &headers, &body, webhook.timeout);
                 self.metrics.attempt(answer.outcome_label(), answer.duration.as_secs_f64());
                 let duration_ms = answer.duration.as_millis() as u64;
                 let policy = Policy {

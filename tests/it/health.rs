@@ -134,3 +134,77 @@ fn an_operator_pauses_and_resumes_over_the_api() {
     d.wait_settled(&held, &["succeeded"], SETTLE);
     assert_eq!(rx.hits_on("/ok/w1").len(), 1);
 }
+
+#[test]
+fn per_webhook_limits_headers_and_timeout_apply_to_that_webhook_only() {
+    const W3: &str = "33333333-3333-4333-8333-333333333333";
+    const W4: &str = "44444444-4444-4444-8444-444444444444";
+    let rx = Receiver::start();
+    let with = |id: &str, path: &str, extra: &str| {
+        webhook(id, CLIENT_A, &rx.url(path), r#"["*"]"#).replacen(
+            "events =",
+            &format!("{extra}\nevents ="),
+            1,
+        )
+    };
+    let rest = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}{}{}",
+        with(
+            W1,
+            "/gate/one",
+            "max_in_flight = 1\nheaders = { \"X-Tenant\" = \"acme\", \"User-Agent\" = \"custom/1\" }"
+        ),
+        with(W2, "/gate/many", ""),
+        with(W3, "/slow/short", "timeout = \"100ms\""),
+        with(W4, "/slow/long", ""),
+    );
+    let d = Daemon::start("", &rest);
+    let events: Vec<String> = (0..3).map(|n| send(&d, n)).collect();
+    // Behind a closed gate, W2 takes three attempts at once, W1 one.
+    wait_for("W2's three attempts", SETTLE, || rx.arrivals("/gate/many") == 3);
+    assert_eq!(rx.arrivals("/gate/one"), 1);
+    rx.set_gate(true);
+    for e in &events {
+        let ev = d.wait_settled(e, &["succeeded", "failed"], SETTLE);
+        let status = |w: &str| {
+            ev["deliveries"].as_array().unwrap().iter().find(|x| x["webhook_id"] == w).unwrap()["status"]
+                .clone()
+        };
+        assert_eq!(
+            (status(W1), status(W2), status(W4)),
+            ("succeeded".into(), "succeeded".into(), "succeeded".into())
+        );
+        assert_eq!(status(W3), "failed", "{ev}");
+        let to_w3 = ev["deliveries"].as_array().unwrap().iter().find(|x| x["webhook_id"] == W3).unwrap();
+        assert_eq!(to_w3["attempts"][0]["error"], "timed out after 100ms", "{ev}");
+    }
+    assert_eq!((rx.gate_peak("/gate/one"), rx.gate_peak("/gate/many")), (1, 3));
+    let hit = &rx.hits_on("/gate/one")[0];
+    assert_eq!((hit.header("x-tenant"), hit.header("user-agent")), ("acme", "custom/1"));
+    assert!(rx.hits_on("/gate/many")[0].header("x-tenant").is_empty());
+    assert!(rx.hits_on("/gate/many")[0].header("user-agent").starts_with("nexor-webhookd/"));
+}
+
+#[test]
+fn a_rate_limited_webhook_spreads_its_attempts_and_loses_none() {
+    let rx = Receiver::start();
+    let rest = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/limited"), r#"["*"]"#).replacen(
+            "events =",
+            "rate_limit = 4\nevents =",
+            1
+        )
+    );
+    let d = Daemon::start("", &rest);
+    let events: Vec<String> = (0..12).map(|n| send(&d, n)).collect();
+    for e in &events {
+        d.wait_settled(e, &["succeeded"], SETTLE);
+    }
+    let hits = rx.hits_on("/ok/limited");
+    assert_eq!(hits.len(), 12);
+    // Four at once (a second's worth), then four a second: the last of
+    // twelve no sooner than two seconds after the first.
+    let spread = hits.last().unwrap().at - hits[0].at;
+    assert!(spread >= Duration::from_millis(1900), "12 attempts at 4/s took {spread:?}");
+}

@@ -130,6 +130,16 @@ pub struct Webhook {
     pub standard_key: Option<Secret<Vec<u8>>>,
     /// This webhook's `pause_after` (see [`Delivery::pause_after`]).
     pub pause_after: Option<Duration>,
+    /// Most attempts per second (a token bucket holding a second's worth,
+    /// at least one); over it deliveries wait, they do not fail.
+    pub rate_limit: Option<f64>,
+    /// Overrides `[delivery] per_webhook_in_flight`.
+    pub max_in_flight: Option<usize>,
+    /// Overrides `[delivery] timeout`.
+    pub timeout: Option<Duration>,
+    /// Static extra headers sent with every attempt, names in lower case;
+    /// a value may be a credential (`Authorization`), so it is a secret.
+    pub headers: Vec<(String, Secret)>,
 }
 
 /// A string that never shows itself in `Debug` output or logs.
@@ -363,6 +373,11 @@ struct RawWebhook {
     #[serde(default)]
     standard_webhooks: bool,
     pause_after: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<f64>>,
+    max_in_flight: Option<Spanned<u64>>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -689,6 +704,21 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             None => pause_after,
             Some(v) => c.duration_or_never(v, "pause_after"),
         };
+        let rate_limit = match &w.rate_limit {
+            None => Some(None),
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() > 0.0 => Some(Some(*v.get_ref())),
+            Some(v) => c.fail(v.span(), "rate_limit must be a number of attempts per second above 0"),
+        };
+        let max_in_flight = match &w.max_in_flight {
+            None => Some(None),
+            Some(v) => c.positive(v, "max_in_flight").map(|n| Some(n as usize)),
+        };
+        let webhook_timeout = match &w.timeout {
+            None => Some(None),
+            Some(v) => c.duration(v, "timeout").map(Some),
+        };
+        let headers = check_headers(&mut c, &w.headers);
+        inline_secrets |= !w.headers.is_empty();
         let standard_key = match (w.standard_webhooks, &secret) {
             (false, _) | (true, None) => Some(None),
             (true, Some(s)) => match sign::standard_key(s.expose()) {
@@ -707,8 +737,17 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             Some(events),
             Some(standard_key),
             Some(pause_after),
-        ) = (id, client_id, url, secret, events, standard_key, webhook_pause_after)
-        {
+            (Some(rate_limit), Some(max_in_flight), Some(timeout), Some(headers)),
+        ) = (
+            id,
+            client_id,
+            url,
+            secret,
+            events,
+            standard_key,
+            webhook_pause_after,
+            (rate_limit, max_in_flight, webhook_timeout, headers),
+        ) {
             webhooks.push(Webhook {
                 id,
                 client_id,
@@ -719,6 +758,10 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
                 enabled: w.enabled,
                 standard_key,
                 pause_after,
+                rate_limit,
+                max_in_flight,
+                timeout,
+                headers,
             });
         }
     }
@@ -845,6 +888,56 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, policy: &TargetPolicy) -> Opt
         return c.fail(v.span(), format!("url: {text:?} is not a URL the HTTP client takes ({e})"));
     }
     Some(normalised)
+}
+
+/// Headers a webhook's `headers` may not set besides `X-Nexor-*` and
+/// `webhook-*`: the daemon's own, and those that frame the request or the
+/// connection.
+const RESERVED_HEADERS: [&str; 11] = [
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
+/// A webhook's static headers, names in lower case; every refused one is
+/// named.
+fn check_headers(
+    c: &mut Checker,
+    headers: &std::collections::BTreeMap<String, Spanned<String>>,
+) -> Option<Vec<(String, Secret)>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (name, value) in headers {
+        let lower = name.to_ascii_lowercase();
+        let reserved = lower.starts_with("x-nexor-")
+            || lower.starts_with("webhook-")
+            || RESERVED_HEADERS.contains(&lower.as_str());
+        let why = if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            Some(format!("headers: {name:?} is not a header name"))
+        } else if reserved {
+            Some(format!("headers: {name} is set by the daemon and may not be overridden"))
+        } else if http::HeaderValue::from_str(value.get_ref()).is_err() {
+            Some(format!("headers: the value of {name} is not a header value (control characters?)"))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                ok = false;
+                c.fail::<()>(value.span(), why);
+            }
+            None => out.push((lower, Secret(value.get_ref().clone()))),
+        }
+    }
+    ok.then_some(out)
 }
 
 fn check_events(c: &mut Checker, v: &Spanned<Vec<Spanned<String>>>) -> Option<Events> {
@@ -1211,6 +1304,40 @@ events = ["meeting.scheduled"]
             "{:?}",
             errors(&bad)
         );
+    }
+
+    #[test]
+    fn per_webhook_controls_parse_and_reserved_headers_are_named() {
+        let text = GOOD.replace(
+            "events = [",
+            "rate_limit = 2.5\nmax_in_flight = 3\ntimeout = \"2s\"\nheaders = { \"X-Tenant\" = \"acme\", Authorization = \"Bearer t\" }\nevents = [",
+        );
+        let c = parse(&text, Path::new("/")).unwrap();
+        let w = &c.webhooks()[0];
+        assert_eq!(
+            (w.rate_limit, w.max_in_flight, w.timeout),
+            (Some(2.5), Some(3), Some(Duration::from_secs(2)))
+        );
+        let headers: Vec<_> = w.headers.iter().map(|(n, v)| (n.as_str(), v.expose().as_str())).collect();
+        assert_eq!(headers, [("authorization", "Bearer t"), ("x-tenant", "acme")]);
+        assert!(c.has_inline_secrets(), "a header may be a credential");
+        assert!(!format!("{w:?}").contains("Bearer t"));
+        let bad = GOOD.replace(
+            "events = [",
+            "rate_limit = 0\nheaders = { \"X-Nexor-Signature\" = \"v1=x\", \"webhook-id\" = \"1\", \"Content-Length\" = \"9\", \"Bad Name\" = \"x\", \"X-Ok\" = \"a\\nb\" }\nevents = [",
+        );
+        let messages: Vec<String> = errors(&bad).into_iter().map(|(_, m)| m).collect();
+        for expected in [
+            "rate_limit must be a number of attempts per second above 0",
+            "headers: \"Bad Name\" is not a header name",
+            "headers: Content-Length is set by the daemon and may not be overridden",
+            "headers: X-Nexor-Signature is set by the daemon and may not be overridden",
+            "headers: the value of X-Ok is not a header value (control characters?)",
+            "headers: webhook-id is set by the daemon and may not be overridden",
+        ] {
+            assert!(messages.iter().any(|m| m == expected), "{expected:?} not in {messages:?}");
+        }
+        assert!(!messages.iter().any(|m| m.contains("v1=x")), "values are never echoed: {messages:?}");
     }
 
     #[test]

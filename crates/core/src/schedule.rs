@@ -18,7 +18,10 @@
 //!
 //! Isolation: at most `per_webhook` attempts of one webhook are in flight
 //! (handed to a worker and not yet answered; waiting for the outcome to be
-//! stored does not count, it holds no worker).
+//! stored does not count, it holds no worker), or the webhook's own
+//! [`Limits`]: its `in_flight`, and its `rate` of attempts per second, a
+//! token bucket holding a second's worth (at least one). An entry over
+//! either limit waits; it never fails.
 //! Due entries of a webhook at that limit are *held* aside (at most
 //! [`HELD_MAX`] per webhook; the rest stay in the store and are read back
 //! as the held ones drain), so a hanging or dead endpoint never takes the
@@ -50,6 +53,51 @@ pub enum Refill {
     Webhook { webhook: Uuid, from: Due, until: Due, limit: usize, scan: usize },
 }
 
+/// A webhook's own limits, where its config sets them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// Most attempts in flight, instead of the queue's `per_webhook`.
+    pub in_flight: Option<usize>,
+    /// Most attempts started per second.
+    pub rate: Option<f64>,
+}
+
+/// A token bucket: `rate` tokens a second, holding at most a second's
+/// worth (and at least one), full at first.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn new(rate: f64, now_ms: u64) -> Bucket {
+        Bucket { rate, tokens: rate.max(1.0), at_ms: now_ms }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let earned = now_ms.saturating_sub(self.at_ms) as f64 * self.rate / 1000.0;
+        self.tokens = (self.tokens + earned).min(self.rate.max(1.0));
+        self.at_ms = self.at_ms.max(now_ms);
+    }
+
+    /// Takes a token if there is one at `now_ms`.
+    fn take(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        let ok = self.tokens >= 1.0;
+        if ok {
+            self.tokens -= 1.0;
+        }
+        ok
+    }
+
+    /// When the next token will be there.
+    fn next_token_ms(&self) -> u64 {
+        self.at_ms + ((1.0 - self.tokens).max(0.0) * 1000.0 / self.rate).ceil() as u64
+    }
+}
+
 #[derive(Default)]
 struct Held {
     set: BTreeSet<Due>,
@@ -71,6 +119,12 @@ pub struct Queue {
     attempting: HashSet<DeliveryKey>,
     flying: HashMap<Uuid, usize>,
     per_webhook: usize,
+    /// Webhooks with limits of their own (usually none).
+    limits: HashMap<Uuid, Limits>,
+    buckets: HashMap<Uuid, Bucket>,
+    /// Webhooks with entries held for want of a token, and when the next
+    /// token comes.
+    rate_waiting: HashMap<Uuid, u64>,
     cursor: Due,
     /// Due time of the earliest stored entry at or above `cursor`, if any is known.
     beyond: Option<u64>,
@@ -90,6 +144,9 @@ impl Queue {
             attempting: HashSet::new(),
             flying: HashMap::new(),
             per_webhook: per_webhook.max(1),
+            limits: HashMap::new(),
+            buckets: HashMap::new(),
+            rate_waiting: HashMap::new(),
             cursor: Due::at(0),
             beyond: Some(0),
             window_ms: window.as_millis() as u64,
@@ -176,9 +233,73 @@ impl Queue {
         }
     }
 
+    /// Sets the webhooks' own limits (those not named have none). A webhook
+    /// whose rate limit goes gets the entries it held for tokens back.
+    pub fn set_limits(&mut self, limits: HashMap<Uuid, Limits>) {
+        self.buckets.retain(|w, b| limits.get(w).and_then(|l| l.rate) == Some(b.rate));
+        let freed: Vec<Uuid> =
+            self.rate_waiting.keys().filter(|w| !self.buckets.contains_key(*w)).copied().collect();
+        self.limits = limits;
+        for webhook in freed {
+            self.rate_waiting.remove(&webhook);
+            self.release_held(webhook, self.free_slots(&webhook));
+        }
+    }
+
+    /// Most attempts of `webhook` in flight at once.
+    fn cap(&self, webhook: &Uuid) -> usize {
+        if self.limits.is_empty() {
+            return self.per_webhook;
+        }
+        self.limits.get(webhook).and_then(|l| l.in_flight).unwrap_or(self.per_webhook).max(1)
+    }
+
+    /// How many more attempts of `webhook` may be in flight now.
+    fn free_slots(&self, webhook: &Uuid) -> usize {
+        self.cap(webhook).saturating_sub(self.flying.get(webhook).copied().unwrap_or(0))
+    }
+
+    /// Takes one of `webhook`'s tokens at `now_ms`; `true` if it has no rate limit.
+    fn take_token(&mut self, webhook: Uuid, now_ms: u64) -> bool {
+        if self.limits.is_empty() {
+            return true;
+        }
+        let Some(rate) = self.limits.get(&webhook).and_then(|l| l.rate) else { return true };
+        let bucket = self.buckets.entry(webhook).or_insert_with(|| Bucket::new(rate, now_ms));
+        let took = bucket.take(now_ms);
+        // Entries held back wait for the next token, which nothing else
+        // would wake the queue for.
+        let more = self.held.get(&webhook).is_some_and(|h| !h.set.is_empty());
+        if !took || more {
+            self.rate_waiting.insert(webhook, bucket.next_token_ms());
+        }
+        took
+    }
+
+    /// The webhook's earliest `n` held entries become ready.
+    fn release_held(&mut self, webhook: Uuid, n: usize) {
+        if let Some(h) = self.held.get_mut(&webhook) {
+            for _ in 0..n {
+                let Some(d) = h.set.pop_first() else { break };
+                self.ready.insert(d);
+            }
+            if h.set.is_empty() && h.spilled.is_none() {
+                self.held.remove(&webhook);
+            }
+        }
+    }
+
     /// The next delivery due at `now_ms` whose webhook may take another
     /// attempt, now counted as in flight.
     pub fn pop_due(&mut self, now_ms: u64) -> Option<Due> {
+        if !self.rate_waiting.is_empty() {
+            let due: Vec<Uuid> =
+                self.rate_waiting.iter().filter(|(_, at)| **at <= now_ms).map(|(w, _)| *w).collect();
+            for webhook in due {
+                self.rate_waiting.remove(&webhook);
+                self.release_held(webhook, 1);
+            }
+        }
         loop {
             let first = *self.ready.first()?;
             if first.at_ms > now_ms {
@@ -191,9 +312,9 @@ impl Queue {
                 continue;
             }
             let webhook = first.key.webhook;
-            let flying = self.flying.entry(webhook).or_default();
-            if *flying < self.per_webhook {
-                *flying += 1;
+            let flying = self.flying.get(&webhook).copied().unwrap_or(0);
+            if flying < self.cap(&webhook) && self.take_token(webhook, now_ms) {
+                *self.flying.entry(webhook).or_default() += 1;
                 self.in_flight.insert(first.key);
                 self.attempting.insert(first.key);
                 return Some(first);
@@ -226,14 +347,7 @@ impl Queue {
                 self.flying.remove(&key.webhook);
             }
         }
-        if let Some(h) = self.held.get_mut(&key.webhook) {
-            if let Some(d) = h.set.pop_first() {
-                self.ready.insert(d);
-            }
-            if h.set.is_empty() && h.spilled.is_none() {
-                self.held.remove(&key.webhook);
-            }
-        }
+        self.release_held(key.webhook, 1);
     }
 
     /// `key` is over and stored; `next` is its stored next due entry, if any.
@@ -331,18 +445,7 @@ impl Queue {
                 h.set.extend(fresh);
                 h.spilled = next;
                 // Whatever the webhook can take now moves to ready at once.
-                let free = self.per_webhook.saturating_sub(self.flying.get(&webhook).copied().unwrap_or(0));
-                for _ in 0..free {
-                    match h.set.pop_first() {
-                        Some(d) => {
-                            self.ready.insert(d);
-                        }
-                        None => break,
-                    }
-                }
-                if h.set.is_empty() && h.spilled.is_none() {
-                    self.held.remove(&webhook);
-                }
+                self.release_held(webhook, self.free_slots(&webhook));
             }
         }
     }
@@ -352,10 +455,8 @@ impl Queue {
     pub fn next_wake(&self, can_start: bool) -> Option<u64> {
         let first_due = self.ready.first().filter(|_| can_start).map(|d| d.at_ms);
         let refill_at = self.beyond.map(|b| b.saturating_sub(self.window_ms / 2));
-        match (first_due, refill_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let token_at = self.rate_waiting.values().min().copied().filter(|_| can_start);
+        [first_due, refill_at, token_at].into_iter().flatten().min()
     }
 }
 
@@ -596,6 +697,48 @@ mod tests {
         q.finished(first, None);
         assert_eq!(q.pop_key(10).map(|k| k.seq), Some(2));
         assert_eq!(q.pop_key(10), None);
+    }
+
+    #[test]
+    fn a_rate_limited_webhook_waits_for_tokens_while_others_go_on() {
+        // Webhook 1: 2 attempts a second; webhook 2: no limit of its own,
+        // webhook 3: one in flight at a time. Six entries each, all due.
+        let index = Index(
+            (0..6)
+                .map(|i| due_to(5, i, 1))
+                .chain((10..16).map(|i| due_to(6, i, 2)))
+                .chain((20..26).map(|i| due_to(7, i, 3)))
+                .collect(),
+        );
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        let w = |n: u8| Uuid::from_bytes([n; 16]);
+        let limits = HashMap::from([
+            (w(1), Limits { rate: Some(2.0), in_flight: None }),
+            (w(3), Limits { rate: None, in_flight: Some(1) }),
+        ]);
+        q.set_limits(limits);
+        index.serve(&mut q, 1000);
+        let mut started = Vec::new();
+        while let Some(k) = q.pop_key(1000) {
+            started.push(k.webhook.as_bytes()[0]);
+        }
+        // A second's worth of tokens for webhook 1, one in flight for 3.
+        assert_eq!(started.iter().filter(|&&n| n == 1).count(), 2, "{started:?}");
+        assert_eq!(started.iter().filter(|&&n| n == 2).count(), 6, "{started:?}");
+        assert_eq!(started.iter().filter(|&&n| n == 3).count(), 1, "{started:?}");
+        // The next token comes 500 ms on; the queue wakes for it.
+        assert_eq!(q.next_wake(true), Some(1500));
+        assert_eq!(q.pop_key(1499), None);
+        assert_eq!(q.pop_key(1500).map(|k| (k.webhook.as_bytes()[0], k.seq)), Some((1, 2)));
+        assert_eq!(q.pop_key(1500), None);
+        assert_eq!(q.next_wake(true), Some(2000));
+        // A second later, one more (the bucket holds no more than a second's
+        // worth while entries wait): deliveries over the limit wait in order.
+        assert_eq!(q.pop_key(2000).map(|k| k.seq), Some(3));
+        // Lifting the limit lets the rest go at once.
+        q.set_limits(HashMap::new());
+        let rest: Vec<u64> = std::iter::from_fn(|| q.pop_key(2000)).map(|k| k.seq).collect();
+        assert_eq!(rest, [4, 5]);
     }
 
     #[test]

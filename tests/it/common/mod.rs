@@ -70,13 +70,16 @@ pub struct Receiver {
 struct Seen {
     hits: Arc<Mutex<Vec<Hit>>>,
     counts: Arc<Mutex<HashMap<String, u64>>>,
+    /// Per path: requests waiting at the gate now, and the most at once.
+    at_gate: Arc<Mutex<HashMap<String, (u64, u64)>>>,
     gate: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Receiver {
     pub fn start() -> Receiver {
         let gate = Arc::new(tokio::sync::watch::Sender::new(false));
-        let seen = Seen { hits: Default::default(), counts: Default::default(), gate };
+        let seen =
+            Seen { hits: Default::default(), counts: Default::default(), at_gate: Default::default(), gate };
         let app = axum::Router::new().fallback(answer).with_state(seen.clone());
         let server = Arc::new(Server::start(app, 1).expect("start a receiver"));
         Receiver { base: server.base.clone(), server, seen }
@@ -89,6 +92,16 @@ impl Receiver {
     /// Opens or closes the gate `/gate/…` requests wait for.
     pub fn set_gate(&self, open: bool) {
         self.seen.gate.send_replace(open);
+    }
+
+    /// Requests that arrived on `path` so far, answered or not.
+    pub fn arrivals(&self, path: &str) -> u64 {
+        self.seen.counts.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// The most requests on `path` that waited at the gate at once.
+    pub fn gate_peak(&self, path: &str) -> u64 {
+        self.seen.at_gate.lock().unwrap().get(path).map_or(0, |g| g.1)
     }
 
     pub fn hits(&self) -> Vec<Hit> {
@@ -142,7 +155,14 @@ async fn answer(State(r): State<Seen>, uri: Uri, headers: HeaderMap, body: Bytes
             (200, None)
         }
         Some("gate") => {
+            {
+                let mut at_gate = r.at_gate.lock().unwrap();
+                let g = at_gate.entry(path.clone()).or_default();
+                g.0 += 1;
+                g.1 = g.1.max(g.0);
+            }
             let _ = r.gate.subscribe().wait_for(|open| *open).await;
+            r.at_gate.lock().unwrap().get_mut(&path).expect("counted on arrival").0 -= 1;
             (200, None)
         }
         Some("slow") => {
