@@ -24,7 +24,7 @@ use ureq::unversioned::transport::{Connector, NextTimeout, RustlsConnector};
 
 use crate::config::Delivery;
 use crate::target;
-use crate::tcp::Dialer;
+use crate::tcp::{Dialer, Proxy};
 
 /// Bytes of a response body read (and so the most a receiver can make us read).
 const READ_CAP: u64 = 4096;
@@ -119,7 +119,8 @@ impl Sender {
             keep_for: RESOLVED_FOR,
             resolved: Mutex::default(),
         };
-        let connector = Dialer.chain(RustlsConnector::default());
+        let proxy = d.proxy.as_ref().map(|(host, port)| Proxy { host: host.clone(), port: *port });
+        let connector = Dialer { proxy }.chain(RustlsConnector::default());
         Sender { agent: ureq::Agent::with_parts(config, connector, resolver), timeout }
     }
 

@@ -12,11 +12,17 @@
 //! changes, and the probe is one non-blocking peek. Timeouts keep their
 //! meaning: each phase still ends within its budget (plus at most one grain).
 //!
-//! Only direct connections: the agent is built with `proxy(None)`. TLS is
-//! ureq's rustls connector, chained after [`Dialer`] by `deliver`.
+//! Through an HTTP proxy (`[delivery] proxy`), when one is set: an https
+//! target through a `CONNECT` tunnel to the very address the resolver
+//! allowed (so the SSRF check holds for what the proxy dials), a plain
+//! http one in absolute form (`POST http://host:port/path`), which is what
+//! proxies take for http; the proxy resolves that host itself. ureq knows
+//! nothing of the proxy (the agent is built with `proxy(None)`): its own
+//! would tunnel http too, which proxies commonly refuse outside port 443.
+//! TLS is ureq's rustls connector, chained after [`Dialer`] by `deliver`.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,9 +38,19 @@ pub const TIMEOUT_GRAIN: Duration = Duration::from_millis(10);
 /// Output held back beyond this is sent at once (a large body streams).
 const HOLD_MAX: usize = 64 * 1024;
 
-/// Opens plain TCP connections to the addresses the resolver allowed.
+/// Opens plain TCP connections to the addresses the resolver allowed, or
+/// through the proxy to them.
 #[derive(Debug, Default)]
-pub struct Dialer;
+pub struct Dialer {
+    pub proxy: Option<Proxy>,
+}
+
+/// An HTTP proxy: `host:port`, as the config names it.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub host: String,
+    pub port: u16,
+}
 
 impl Connector<()> for Dialer {
     type Out = Link;
@@ -42,37 +58,105 @@ impl Connector<()> for Dialer {
     fn connect(&self, details: &ConnectionDetails, _: Option<()>) -> Result<Option<Link>, ureq::Error> {
         let budget = details.timeout.not_zero().map(|d| *d);
         let started = Instant::now();
-        let addrs = &details.addrs;
-        let mut last = None;
-        for (i, addr) in addrs.iter().enumerate() {
-            // Each address left gets an equal share of what remains of the budget.
-            let attempt = match budget {
-                None => TcpStream::connect(addr),
-                Some(budget) => {
-                    let left = budget.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    let share = (left / (addrs.len() - i) as u32).max(Duration::from_millis(10));
-                    TcpStream::connect_timeout(addr, share)
-                }
-            };
-            match attempt {
-                Ok(stream) => {
-                    stream.set_nodelay(details.config.no_delay())?;
-                    let config = details.config;
-                    let link = Link::new(stream, config.input_buffer_size(), config.output_buffer_size());
-                    (details.register_shutdown)(Arc::downgrade(&link.stream) as Weak<dyn ShutdownHandle>)?;
-                    return Ok(Some(link));
-                }
-                Err(e) => last = Some(e),
-            }
+        let Some(proxy) = &self.proxy else {
+            let stream = dial(&details.addrs, budget, started)?;
+            return self.link(details, stream, None).map(Some);
+        };
+        let addrs: Vec<SocketAddr> = (proxy.host.as_str(), proxy.port).to_socket_addrs()?.collect();
+        let mut stream = dial(&addrs, budget, started)?;
+        let uri = details.uri;
+        let authority = |host: &str| {
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            format!("{host}:{port}")
+        };
+        if uri.scheme_str() == Some("https") {
+            // The address the resolver allowed, not the name: the proxy must
+            // not resolve it to another (DNS rebinding).
+            let target = details.addrs.first().ok_or(ureq::Error::HostNotFound)?;
+            let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+            tunnel(&mut stream, *target, left)?;
+            self.link(details, stream, None).map(Some)
+        } else {
+            let host = uri.host().ok_or(ureq::Error::HostNotFound)?;
+            self.link(details, stream, Some(format!("http://{}", authority(host)))).map(Some)
         }
-        Err(match last {
-            Some(e) if !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => e.into(),
-            _ => ureq::Error::Timeout(Timeout::Connect),
-        })
     }
+}
+
+impl Dialer {
+    fn link(
+        &self,
+        details: &ConnectionDetails,
+        stream: TcpStream,
+        absolute: Option<String>,
+    ) -> Result<Link, ureq::Error> {
+        stream.set_nodelay(details.config.no_delay())?;
+        let config = details.config;
+        let mut link = Link::new(stream, config.input_buffer_size(), config.output_buffer_size());
+        link.absolute = absolute;
+        (details.register_shutdown)(Arc::downgrade(&link.stream) as Weak<dyn ShutdownHandle>)?;
+        Ok(link)
+    }
+}
+
+/// Most bytes of a proxy's answer to `CONNECT` read.
+const TUNNEL_ANSWER_MAX: usize = 8 * 1024;
+
+/// Asks the proxy on `stream` for a tunnel to `target`; fails unless it
+/// answers 2xx. Reads the answer byte by byte, so that nothing the target
+/// sends after it is taken from the tunnel.
+fn tunnel(stream: &mut TcpStream, target: SocketAddr, budget: Option<Duration>) -> Result<(), ureq::Error> {
+    let timed = |e: io::Error| match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => ureq::Error::Timeout(Timeout::Connect),
+        _ => e.into(),
+    };
+    stream.set_write_timeout(budget.map(round_up))?;
+    stream.set_read_timeout(budget.map(round_up))?;
+    write!(stream, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").map_err(timed)?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= TUNNEL_ANSWER_MAX || stream.read(&mut byte).map_err(timed)? == 0 {
+            return Err(
+                io::Error::other("the proxy closed the connection instead of answering CONNECT").into()
+            );
+        }
+        answer.push(byte[0]);
+    }
+    let status =
+        answer.split(|b| *b == b' ').nth(1).and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok());
+    match status {
+        Some(200..=299) => Ok(()),
+        Some(code) => Err(io::Error::other(format!("the proxy answered {code} to CONNECT")).into()),
+        None => Err(io::Error::other("the proxy's answer to CONNECT is not HTTP").into()),
+    }
+}
+
+/// Connects to the first of `addrs` that answers within the budget.
+fn dial(addrs: &[SocketAddr], budget: Option<Duration>, started: Instant) -> Result<TcpStream, ureq::Error> {
+    let mut last = None;
+    for (i, addr) in addrs.iter().enumerate() {
+        // Each address left gets an equal share of what remains of the budget.
+        let attempt = match budget {
+            None => TcpStream::connect(addr),
+            Some(budget) => {
+                let left = budget.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                let share = (left / (addrs.len() - i) as u32).max(Duration::from_millis(10));
+                TcpStream::connect_timeout(addr, share)
+            }
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) if !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => e.into(),
+        _ => ureq::Error::Timeout(Timeout::Connect),
+    })
 }
 
 /// One connection. I/O goes through `&TcpStream`, so that the agent's
@@ -87,6 +171,11 @@ pub struct Link {
     /// The socket's timeouts in force (`None`: none set, blocking forever).
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// Through a proxy, for plain http: `http://host:port`, which goes
+    /// before the path of every request line.
+    absolute: Option<String>,
+    /// Whether the next output begins a request (with its request line).
+    request_start: bool,
 }
 
 impl Link {
@@ -98,6 +187,8 @@ impl Link {
             held_timeout: None,
             read_timeout: None,
             write_timeout: None,
+            absolute: None,
+            request_start: true,
         }
     }
 
@@ -136,7 +227,20 @@ impl Transport for Link {
         if timeout.after.is_zero() {
             return Err(ureq::Error::Timeout(timeout.reason));
         }
-        self.held.extend_from_slice(&self.buffers.output()[..amount]);
+        let output = &self.buffers.output()[..amount];
+        match (&self.absolute, self.request_start) {
+            // `POST /path HTTP/1.1` becomes `POST http://host:port/path HTTP/1.1`.
+            (Some(prefix), true) => match output.iter().position(|b| *b == b' ') {
+                Some(space) => {
+                    self.held.extend_from_slice(&output[..=space]);
+                    self.held.extend_from_slice(prefix.as_bytes());
+                    self.held.extend_from_slice(&output[space + 1..]);
+                }
+                None => self.held.extend_from_slice(output),
+            },
+            _ => self.held.extend_from_slice(output),
+        }
+        self.request_start = false;
         self.held_timeout = Some(timeout);
         if self.held.len() >= HOLD_MAX {
             self.send_held()?;
@@ -147,6 +251,7 @@ impl Transport for Link {
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         // ureq waits for an answer only once the request is complete: send it now, whole.
         self.send_held()?;
+        self.request_start = true;
         let deadline = Deadline::start(timeout.for_read())?;
         loop {
             set_timeout(&self.stream, &mut self.read_timeout, deadline.left()?, TcpStream::set_read_timeout)?;

@@ -1,7 +1,7 @@
 //! Faults real installs meet: each kind of failing receiver, Retry-After,
 //! one hanging endpoint among healthy ones, a full disk.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
@@ -18,46 +18,10 @@ fn attempts_of<'a>(event: &'a Value, webhook: &str) -> &'a Vec<Value> {
     d["attempts"].as_array().unwrap()
 }
 
-/// `openssl s_server` with a fresh self-signed certificate, if openssl exists.
-fn self_signed_tls_server() -> Option<(Child, String, tempfile::TempDir)> {
-    let dir = tempfile::tempdir().unwrap();
-    let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-keyout", "key.pem", "-out", "cert.pem"])
-        .current_dir(dir.path())
-        .stderr(Stdio::null())
-        .status()
-        .ok()?;
-    if !made.success() {
-        return None;
-    }
-    let port = free_port();
-    let server = Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-www",
-            "-cert",
-            "cert.pem",
-            "-key",
-            "key.pem",
-            "-accept",
-            &port.to_string(),
-        ])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    wait_for("openssl s_server", SETTLE, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    Some((server, format!("https://127.0.0.1:{port}/"), dir))
-}
-
 #[test]
 fn every_kind_of_failure_is_explained_and_retried_on_schedule() {
     let rx = Receiver::start();
-    let tls = self_signed_tls_server();
+    let tls = openssl_server();
     let mut targets: Vec<(String, &str)> = vec![
         (rx.url("/code/404/a"), "HTTP 404"),
         (rx.url("/code/500/b"), "HTTP 500"),

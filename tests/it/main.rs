@@ -10,6 +10,7 @@ mod lazyfs;
 mod crash;
 mod delivery;
 mod disk_full;
+mod egress;
 mod faults;
 mod health;
 mod ingest;

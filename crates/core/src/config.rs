@@ -114,6 +114,8 @@ pub struct Delivery {
     /// `pause_min_failures` times) is paused; `None`: never.
     pub pause_after: Option<Duration>,
     pub pause_min_failures: u32,
+    /// Every attempt goes through this HTTP proxy (host, port).
+    pub proxy: Option<(String, u16)>,
 }
 
 #[derive(Debug)]
@@ -355,6 +357,7 @@ struct RawDelivery {
     max_retry_after: Option<Spanned<String>>,
     pause_after: Option<Spanned<String>>,
     pause_min_failures: Option<Spanned<u64>>,
+    proxy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -663,6 +666,10 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
         None => Some(DEFAULT_PAUSE_MIN_FAILURES),
         Some(v) => c.positive(v, "pause_min_failures"),
     };
+    let proxy = match &raw.delivery.proxy {
+        None => Some(None),
+        Some(v) => check_proxy(&mut c, v).map(Some),
+    };
     let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
 
     let mut seen = HashSet::new();
@@ -806,6 +813,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             max_retry_after: max_retry_after.unwrap(),
             pause_after: pause_after.unwrap(),
             pause_min_failures: pause_min_failures.unwrap() as u32,
+            proxy: proxy.unwrap(),
         },
         warnings: match listen {
             Some(addr) if placeholders && !addr.ip().is_loopback() => vec![format!(
@@ -888,6 +896,30 @@ fn check_url(c: &mut Checker, v: &Spanned<String>, policy: &TargetPolicy) -> Opt
         return c.fail(v.span(), format!("url: {text:?} is not a URL the HTTP client takes ({e})"));
     }
     Some(normalised)
+}
+
+/// `[delivery] proxy`: `http://host:port`, nothing more.
+fn check_proxy(c: &mut Checker, v: &Spanned<String>) -> Option<(String, u16)> {
+    // The value is not echoed: it may hold a password.
+    let fail = |c: &mut Checker, why: &str| {
+        c.fail(v.span(), format!("proxy: {why}; write it as \"http://host:port\""))
+    };
+    let Ok(url) = url::Url::parse(v.get_ref()) else { return fail(c, "not a URL") };
+    if url.scheme() != "http" {
+        return fail(c, "not an http:// proxy (https targets go through it in a CONNECT tunnel)");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return fail(c, "credentials in the URL are not supported");
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return fail(c, "a proxy URL has no path");
+    }
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => {
+            Some((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+        }
+        _ => fail(c, "no host"),
+    }
 }
 
 /// Headers a webhook's `headers` may not set besides `X-Nexor-*` and
@@ -1338,6 +1370,27 @@ events = ["meeting.scheduled"]
             assert!(messages.iter().any(|m| m == expected), "{expected:?} not in {messages:?}");
         }
         assert!(!messages.iter().any(|m| m.contains("v1=x")), "values are never echoed: {messages:?}");
+    }
+
+    #[test]
+    fn the_proxy_is_an_http_host_and_port_and_its_password_is_never_echoed() {
+        let with = |p: &str| GOOD.replace("[delivery]\n", &format!("[delivery]\nproxy = \"{p}\"\n"));
+        let c = parse(&with("http://proxy.internal:3128"), Path::new("/")).unwrap();
+        assert_eq!(c.delivery.proxy, Some(("proxy.internal".to_owned(), 3128)));
+        assert_eq!(
+            parse(&with("http://[::1]"), Path::new("/")).unwrap().delivery.proxy,
+            Some(("::1".into(), 80))
+        );
+        for (bad, why) in [
+            ("socks5://p:1080", "not an http:// proxy"),
+            ("http://user:hunter2@p:3128", "credentials in the URL are not supported"),
+            ("http://p:3128/x", "a proxy URL has no path"),
+            ("proxy:3128", "not an http:// proxy"),
+        ] {
+            let e = &errors(&with(bad))[0].1;
+            assert!(e.starts_with(&format!("proxy: {why}")), "{bad}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -658,4 +658,42 @@ impl Conn {
             }
         }
     }
+}
+
+/// `openssl s_server` with a fresh self-signed certificate, if openssl exists.
+pub fn openssl_server() -> Option<(Child, String, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    if !made.success() {
+        return None;
+    }
+    let port = free_port();
+    let server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-cert",
+            "cert.pem",
+            "-key",
+            "key.pem",
+            "-accept",
+            &port.to_string(),
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for("openssl s_server", Duration::from_secs(15), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Some((server, format!("https://127.0.0.1:{port}/"), dir))
 }
