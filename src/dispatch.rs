@@ -32,6 +32,7 @@ use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::schedule::{self, Ended, Limits, Policy, Queue, Refill};
 use crate::sign;
 use crate::store::{
@@ -625,12 +626,13 @@ impl Worker {
         // only once its outcome is on disk, so the delivery stays in flight
         // (and is not handed out again) until then.
         let done = self.done.clone();
-        let store = self.store.clone();
+        let (store, shared) = (self.store.clone(), self.config.clone());
         let outcome = Outcome { key, attempt, status, next_attempt_at, pause };
         self.store.record_then(outcome, move |written| {
             let _ = done.send(match written {
                 Ok(Some(paused)) => {
                     tracing::warn!(webhook_id = %key.webhook, reason = paused.reason.as_str(), "webhook paused: its deliveries are held until it is resumed");
+                    notify::send(&shared, key.webhook, notify::Change::Paused(paused));
                     Msg::Paused(key)
                 }
                 // Held by the store, not retried, if its webhook is paused.

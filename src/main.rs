@@ -14,6 +14,7 @@ mod config;
 mod deliver;
 mod dispatch;
 mod metrics;
+mod notify;
 mod receive;
 mod retention;
 mod server;

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::{attempt_json, configured, enabled, parse_id, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
-use crate::dispatch;
 use crate::store::{first_seq_at, seq_time_ms, PauseReason, Paused, Status, WebhookStats};
+use crate::{dispatch, notify};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -64,6 +64,7 @@ pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let webhook = configured(&config, &id)?;
     let paused = Paused { reason: PauseReason::Operator, at_ms: clock::now_ms() };
     if state.store.pause(id, paused).await?.is_none() {
+        notify::send(&state.config, id, notify::Change::Paused(paused));
         let held = dispatch::hold_waiting(&state.store, &HashSet::from([id])).await?;
         tracing::info!(webhook_id = %id, held, "webhook paused by an operator");
     }
@@ -84,6 +85,7 @@ pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Re
         false => 0,
     };
     if let Some(was) = was {
+        notify::send(&state.config, id, notify::Change::Resumed);
         tracing::info!(webhook_id = %id, released, paused = was.reason.as_str(), "webhook resumed");
     }
     let stats = stats_of(&state, vec![id]).await?;

@@ -208,3 +208,35 @@ fn a_rate_limited_webhook_spreads_its_attempts_and_loses_none() {
     let spread = hits.last().unwrap().at - hits[0].at;
     assert!(spread >= Duration::from_millis(1900), "12 attempts at 4/s took {spread:?}");
 }
+
+#[test]
+fn an_admin_hears_of_a_pause_and_a_resume_signed_like_a_delivery() {
+    let rx = Receiver::start();
+    let rest = format!(
+        "[delivery]\nallow_private_targets = true\n\n[notify]\nurl = \"{}\"\nsecret = \"whsec_admin\"\n\n{}",
+        rx.url("/ok/notify"),
+        webhook(W1, CLIENT_A, &rx.url("/code/410/gone"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &rest);
+    send(&d, 1);
+    wait_for("the pause notification", SETTLE, || rx.hits_on("/ok/notify").len() == 1);
+    let (status, _) = d.post(&format!("/v1/webhooks/{W1}/resume"), "");
+    assert_eq!(status, 200);
+    // (The released delivery gets 410 again, which pauses it again.)
+    let of_type = |t: &str| rx.hits_on("/ok/notify").into_iter().find(|h| h.json()["event_type"] == t);
+    wait_for("the resume notification", SETTLE, || of_type("webhook.resumed").is_some());
+    let hits = rx.hits_on("/ok/notify");
+    let (paused, resumed) = (hits[0].json(), of_type("webhook.resumed").unwrap().json());
+    assert_eq!(
+        (paused["event_type"].as_str(), resumed["event_type"].as_str()),
+        (Some("webhook.paused"), Some("webhook.resumed"))
+    );
+    assert_eq!((paused["webhook_id"].as_str(), paused["client_id"].as_str()), (Some(W1), Some(CLIENT_A)));
+    assert_eq!(paused["data"]["reason"], "gone");
+    assert_eq!(paused["data"]["url"], rx.url("/code/410/gone"));
+    assert_eq!(hits[0].header("x-nexor-event"), "webhook.paused");
+    for h in &hits {
+        let expected = v1_signature("whsec_admin", h.header("x-nexor-timestamp"), &h.body);
+        assert_eq!(h.header("x-nexor-signature"), expected);
+    }
+}

@@ -56,6 +56,8 @@ pub struct Config {
     pub server: Server,
     pub storage: Storage,
     pub delivery: Delivery,
+    /// Where operational events (a webhook paused or resumed) go.
+    pub notify: Option<Notify>,
     webhooks: Vec<Webhook>,
     /// Whether any secret is written in the file itself.
     inline_secrets: bool,
@@ -116,6 +118,14 @@ pub struct Delivery {
     pub pause_min_failures: u32,
     /// Every attempt goes through this HTTP proxy (host, port).
     pub proxy: Option<(String, u16)>,
+}
+
+/// `[notify]`: an endpoint that gets operational events, signed as
+/// deliveries are.
+#[derive(Debug)]
+pub struct Notify {
+    pub url: String,
+    pub secret: Secret,
 }
 
 #[derive(Debug)]
@@ -318,8 +328,17 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     delivery: RawDelivery,
+    notify: Option<RawNotify>,
     #[serde(default)]
     webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+struct RawNotify {
+    url: Spanned<String>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    secret_env: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -672,6 +691,13 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
     };
     let policy = TargetPolicy { allow_private: allow_private_targets, allowed: &allowed_cidrs, https_only };
 
+    let notify = raw.notify.as_ref().map(|n| {
+        inline_secrets |= n.secret.is_some();
+        let url = check_url(&mut c, &n.url, &policy);
+        let secret =
+            secret_from(&mut c, (&n.secret, &n.secret_file, &n.secret_env), base, n.url.span(), "[notify]");
+        Some(Notify { url: url?, secret: secret? })
+    });
     let mut seen = HashSet::new();
     let mut webhooks = Vec::new();
     for w in &raw.webhooks {
@@ -784,6 +810,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
     }
     // Every Option below is Some: each None pushed a problem above.
     Ok(Config {
+        notify: notify.map(Option::unwrap),
         server: Server {
             listen: listen.unwrap(),
             api_token,
@@ -838,7 +865,22 @@ struct TargetPolicy<'a> {
 
 /// The webhook's secret from exactly one of `secret`, `secret_file`, `secret_env`.
 fn webhook_secret(c: &mut Checker, w: &RawWebhook, base: &Path) -> Option<Secret> {
-    match (&w.secret, &w.secret_file, &w.secret_env) {
+    secret_from(c, (&w.secret, &w.secret_file, &w.secret_env), base, w.id.span(), "this webhook")
+}
+
+/// A table's `secret`, `secret_file` and `secret_env`.
+type SecretKeys<'a> = (&'a Option<Spanned<String>>, &'a Option<Spanned<String>>, &'a Option<Spanned<String>>);
+
+/// A secret from exactly one of `secret`, `secret_file`, `secret_env`; a
+/// missing or doubled one is reported at `at`, naming `whose`.
+fn secret_from(
+    c: &mut Checker,
+    (secret, file, env): SecretKeys,
+    base: &Path,
+    at: Range<usize>,
+    whose: &str,
+) -> Option<Secret> {
+    match (secret, file, env) {
         (Some(v), None, None) if v.get_ref().is_empty() => c.fail(v.span(), "secret is empty"),
         (Some(v), None, None) => Some(Secret(v.get_ref().clone())),
         (None, Some(f), None) => read_secret_file(c, f, base, "secret_file").map(Secret),
@@ -846,10 +888,8 @@ fn webhook_secret(c: &mut Checker, w: &RawWebhook, base: &Path) -> Option<Secret
             Some(s) if !s.is_empty() => Some(Secret(s)),
             _ => c.fail(e.span(), format!("secret_env: the environment variable {} is not set", e.get_ref())),
         },
-        (None, None, None) => {
-            c.fail(w.id.span(), "this webhook needs one of secret, secret_file or secret_env")
-        }
-        _ => c.fail(w.id.span(), "set only one of secret, secret_file or secret_env"),
+        (None, None, None) => c.fail(at, format!("{whose} needs one of secret, secret_file or secret_env")),
+        _ => c.fail(at, "set only one of secret, secret_file or secret_env"),
     }
 }
 
@@ -1391,6 +1431,23 @@ events = ["meeting.scheduled"]
             assert!(e.starts_with(&format!("proxy: {why}")), "{bad}: {e}");
             assert!(!e.contains("hunter2"), "{e}");
         }
+    }
+
+    #[test]
+    fn notify_takes_a_url_under_the_target_rules_and_one_secret() {
+        let with = |t: &str| format!("[notify]\n{t}\n{GOOD}");
+        let c = parse(&with("url = \"https://ops.example.com/h\"\nsecret = \"whsec_ops\""), Path::new("/"))
+            .unwrap();
+        let n = c.notify.as_ref().unwrap();
+        assert_eq!((n.url.as_str(), n.secret.expose().as_str()), ("https://ops.example.com/h", "whsec_ops"));
+        assert!(parse(GOOD, Path::new("/")).unwrap().notify.is_none());
+        let e = errors(&with("url = \"https://ops.example.com/h\""));
+        assert_eq!(e[0].1, "[notify] needs one of secret, secret_file or secret_env");
+        let e = errors(
+            &with("url = \"http://10.0.0.1/h\"\nsecret = \"s\"")
+                .replace("allow_private_targets = true\n", ""),
+        );
+        assert!(e[0].1.starts_with("url: 10.0.0.1 is a private address"), "{e:?}");
     }
 
     #[test]

@@ -497,6 +497,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The `v1=` signature of `body` sent at `timestamp` (unix seconds, as
+/// text) with `secret`, as the contract defines it.
+pub fn v1_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
 /// Runs `nexor-webhookd verify`; returns its exit code and first line of output.
 pub fn verify_cli(
     secret: &str,
