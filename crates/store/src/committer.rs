@@ -26,11 +26,9 @@ use crate::clock;
 
 /// About how many writes one batch takes before it is applied (the request
 /// that crosses it still goes in). sled keeps every node copy a batch makes
-/// until the batch ends, and the allocator keeps that peak: batches of up to
-/// 4,096 requests, each a 100-webhook event, took RSS to ~700 MB (140 MB
-/// with a bound of 512). Since batches wait for the syncer (`SYNC_QUEUE`)
-/// they grow bigger under load, and 512 let the 1M backlog's RSS peak at
-/// 153 MB; with 256 it peaked at 130 MB, at the same events/s.
+/// until the batch ends, and the allocator keeps that peak, so this bound
+/// sets the daemon's memory under fan-out and backlog; the figures behind
+/// 256 are in BENCHMARKS.md ("Fanout memory", and session 4's item 7).
 const MAX_BATCH_WRITES: usize = 256;
 
 /// A request to the committer, carrying the callback its answer goes to,
@@ -804,9 +802,8 @@ impl Committer {
 /// a batch over as the syncer starts its next sync, so it is never more than
 /// one batch ahead, and what arrives meanwhile waits for it and goes into
 /// one bigger batch. Each `apply_batch` costs sled IO-buffer writes of its
-/// own, so fewer, bigger batches cost less: against a queue of 16, 7% less
-/// CPU per event and 8.5% more events/s at full speed (geometric means of 8
-/// alternating pairs, BENCHMARKS.md), latency at 1,000/s unchanged.
+/// own, so fewer, bigger batches cost less: measured against a queue of 16
+/// in BENCHMARKS.md ("What changed in session 4", the rendezvous).
 const SYNC_QUEUE: usize = 0;
 
 /// Syncs and answers: every batch waiting when a sync begins is covered by
