@@ -23,8 +23,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock;
@@ -103,7 +104,6 @@ impl Dispatcher {
 /// The running engine, for an orderly stop.
 pub struct Engine {
     pub handle: Dispatcher,
-    shutdown: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
     workers: Vec<thread::JoinHandle<()>>,
 }
@@ -131,7 +131,9 @@ const POOL_PER_WORKER: usize = 8;
 /// connection cap keeps this much per worker free (`server`).
 pub const FDS_PER_WORKER: u64 = POOL_PER_WORKER as u64 + 2;
 
-pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
+/// Starts the engine; it hands out work until `stop` is cancelled (then see
+/// [`Engine::finish`]).
+pub fn start(store: Store, config: config::Shared, metrics: Metrics, stop: CancellationToken) -> Engine {
     let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
     // Workers hand an outcome to the committer and move on, so more
@@ -156,17 +158,16 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
                 .expect("spawn delivery worker")
         })
         .collect();
-    let shutdown = Arc::new(Notify::new());
     let per_webhook = config.get().delivery.per_webhook_in_flight;
-    let task = tokio::spawn(run(store, (tx.clone(), rx), jobs, max_in_flight, per_webhook, shutdown.clone()));
-    Engine { handle: Dispatcher { tx }, shutdown, task, workers }
+    let task = tokio::spawn(run(store, (tx.clone(), rx), jobs, max_in_flight, per_webhook, stop));
+    Engine { handle: Dispatcher { tx }, task, workers }
 }
 
 impl Engine {
-    /// Stops handing out work, lets attempts in flight finish for up to
-    /// `grace`, and returns. Whatever did not finish stays due in the store.
-    pub async fn stop(self, grace: Duration) {
-        self.shutdown.notify_one();
+    /// Once `start`'s `stop` is cancelled: waits for the engine to hand out
+    /// its last work, lets attempts in flight finish for up to `grace`, and
+    /// returns. Whatever did not finish stays due in the store.
+    pub async fn finish(self, grace: Duration) {
         let _ = self.task.await;
         let workers = self.workers;
         let joined = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())));
@@ -184,7 +185,7 @@ async fn run(
     jobs: Arc<Jobs>,
     max_in_flight: usize,
     per_webhook: usize,
-    shutdown: Arc<Notify>,
+    stop: CancellationToken,
 ) {
     // However this task ends, idle workers must wake up and exit.
     let _close = CloseOnDrop(jobs.clone());
@@ -198,7 +199,7 @@ async fn run(
             // but a stop need not wait for a store that does not answer.
             let refilled = tokio::select! {
                 refilled = refill(&store, &mut queue, now) => refilled,
-                _ = shutdown.notified() => return,
+                _ = stop.cancelled() => return,
             };
             now = clock::now_ms() as u64;
             if let Err(e) = refilled {
@@ -234,7 +235,7 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.notified() => return,
+            _ = stop.cancelled() => return,
         }
     }
 }

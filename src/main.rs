@@ -25,13 +25,13 @@ use nexor_webhookd_store as store;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 // mimalloc: ~9% fewer instructions per event than glibc's malloc, which also
 // stalls in `malloc_consolidate` (callgrind and perf), and ~5% less CPU per
@@ -466,8 +466,10 @@ async fn serve(
     let max_connections = max_connections(&config.server, config.delivery.workers, nofile);
     let shared = config::Shared::new(config);
     let metrics = metrics::Metrics::new();
-    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone());
-    let stop_background = Arc::new(tokio::sync::Notify::new());
+    // Cancelled by the stop path only once the API's requests are done:
+    // those finishing meanwhile still hand their deliveries to the engine.
+    let stop_background = CancellationToken::new();
+    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone(), stop_background.clone());
     let retention = retention::spawn(store.clone(), shared.clone(), stop_background.clone());
     let state = api::AppState {
         store: store.clone(),
@@ -476,12 +478,14 @@ async fn serve(
         metrics: metrics.clone(),
     };
     let listener = server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let stop_server = Arc::new(tokio::sync::Notify::new());
-    let server = {
-        let (stop, config) = (stop_server.clone(), shared.clone());
-        let stopped = async move { stop.notified().await };
-        tokio::spawn(server::serve(listener, api::router(state), config, max_connections, stopped))
-    };
+    let stop_api = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        shared.clone(),
+        max_connections,
+        stop_api.clone(),
+    ));
     let config = shared.get();
     tracing::info!(
         listen = %listen,
@@ -491,6 +495,8 @@ async fn serve(
         "nexor-webhookd ready"
     );
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    // Not stopped with the background tasks: it watches the store through
+    // the final sync too.
     watch_store(store.clone(), config.storage.stall_limit);
 
     let reloader =
@@ -508,13 +514,13 @@ async fn serve(
 
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     let grace = shared.get().server.shutdown_grace;
-    stop_server.notify_one();
+    stop_api.cancel();
     if tokio::time::timeout(grace, server).await.is_err() {
         tracing::warn!("requests still open after {grace:?}; closing them");
     }
-    stop_background.notify_one();
+    stop_background.cancel();
     let _ = retention.await;
-    engine.stop(grace).await;
+    engine.finish(grace).await;
     // Everything acknowledged is synced already; this is for the rest. A
     // store that hangs (sled after a failed write) must not keep the
     // process from stopping.
