@@ -534,7 +534,6 @@ async fn serve(
     Ok(())
 }
 
-/// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.
 /// Watches that the store gets through its work. While it does, pings the
 /// systemd watchdog (when there is one) at half its interval. A store stuck
 /// with writes waiting (a sync that hangs without an error: nothing is
