@@ -23,8 +23,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock;
@@ -109,7 +110,6 @@ impl Dispatcher {
 /// The running engine, for an orderly stop.
 pub struct Engine {
     pub handle: Dispatcher,
-    shutdown: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
     workers: Vec<thread::JoinHandle<()>>,
 }
@@ -137,7 +137,9 @@ const POOL_PER_WORKER: usize = 8;
 /// connection cap keeps this much per worker free (`server`).
 pub const FDS_PER_WORKER: u64 = POOL_PER_WORKER as u64 + 2;
 
-pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
+/// Starts the engine; it hands out work until `stop` is cancelled (then see
+/// [`Engine::finish`]).
+pub fn start(store: Store, config: config::Shared, metrics: Metrics, stop: CancellationToken) -> Engine {
     let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
     // Workers hand an outcome to the committer and move on, so more
@@ -162,25 +164,16 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics) -> Engine {
                 .expect("spawn delivery worker")
         })
         .collect();
-    let shutdown = Arc::new(Notify::new());
     let per_webhook = config.get().delivery.per_webhook_in_flight;
-    let task = tokio::spawn(run(
-        store,
-        config,
-        (tx.clone(), rx),
-        jobs,
-        max_in_flight,
-        per_webhook,
-        shutdown.clone(),
-    ));
-    Engine { handle: Dispatcher { tx }, shutdown, task, workers }
+    let task = tokio::spawn(run(store, config, (tx.clone(), rx), jobs, max_in_flight, per_webhook, stop));
+    Engine { handle: Dispatcher { tx }, task, workers }
 }
 
 impl Engine {
-    /// Stops handing out work, lets attempts in flight finish for up to
-    /// `grace`, and returns. Whatever did not finish stays due in the store.
-    pub async fn stop(self, grace: Duration) {
-        self.shutdown.notify_one();
+    /// Once `start`'s `stop` is cancelled: waits for the engine to hand out
+    /// its last work, lets attempts in flight finish for up to `grace`, and
+    /// returns. Whatever did not finish stays due in the store.
+    pub async fn finish(self, grace: Duration) {
         let _ = self.task.await;
         let workers = self.workers;
         let joined = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())));
@@ -199,7 +192,7 @@ async fn run(
     jobs: Arc<Jobs>,
     max_in_flight: usize,
     per_webhook: usize,
-    shutdown: Arc<Notify>,
+    stop: CancellationToken,
 ) {
     // However this task ends, idle workers must wake up and exit.
     let _close = CloseOnDrop(jobs.clone());
@@ -221,7 +214,7 @@ async fn run(
             // but a stop need not wait for a store that does not answer.
             let refilled = tokio::select! {
                 refilled = refill(&store, &mut queue, now) => refilled,
-                _ = shutdown.notified() => return,
+                _ = stop.cancelled() => return,
             };
             now = clock::now_ms() as u64;
             if let Err(e) = refilled {
@@ -257,7 +250,7 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.notified() => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -391,6 +384,23 @@ pub async fn hold_waiting(store: &Store, webhooks: &HashSet<Uuid>) -> Result<usi
     let wanted = webhooks.clone();
     let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
     store.hold(keys, webhooks.iter().copied().collect()).await
+}
+
+/// At start: the held deliveries of every webhook the config enables and
+/// no pause holds are due now. A webhook enabled while the daemon was
+/// stopped, or a resume cut short by a crash (the pause was lifted, the
+/// deliveries not yet released), would otherwise leave them held for good.
+pub async fn release_at_start(store: Store, engine: Dispatcher, config: Arc<Config>) {
+    let active = config.webhooks().iter().filter(|w| w.enabled && store.paused(&w.id).is_none());
+    for webhook in active.map(|w| w.id) {
+        match release_held(&store, &engine, webhook).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(webhook_id = %webhook, released = n, "held deliveries of an active webhook due again")
+            }
+            Err(e) => tracing::error!(webhook_id = %webhook, error = %e, "cannot release held deliveries"),
+        }
+    }
 }
 
 /// Makes a webhook's held deliveries due now, oldest first. Held ones have

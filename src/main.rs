@@ -1,9 +1,8 @@
 //! nexor-webhookd: the command line and the daemon's lifecycle.
 //!
 //! `run` wires the pieces in the order data flows — config, store, delivery
-//! engine, retention, HTTP API — tells systemd it is ready, reloads the
-//! config on SIGHUP, and takes everything down in reverse on SIGTERM or
-//! SIGINT. `check-config` runs the same validation as `run`. `send`,
+//! engine, retention, HTTP API — tells systemd it is ready, hands SIGHUP to
+//! [`reload`], and takes everything down in reverse on SIGTERM or SIGINT. `check-config` runs the same validation as `run`. `send`,
 //! `status`, `redeliver`, `cancel` and `backup` talk to a running daemon;
 //! `restore` and `check-storage` work on a stopped one's storage; `receive`
 //! and `verify` are tools for the receiving side.
@@ -16,6 +15,7 @@ mod dispatch;
 mod metrics;
 mod notify;
 mod receive;
+mod reload;
 mod retention;
 mod server;
 mod tcp;
@@ -26,13 +26,13 @@ use nexor_webhookd_store as store;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 // mimalloc: ~9% fewer instructions per event than glibc's malloc, which also
 // stalls in `malloc_consolidate` (callgrind and perf), and ~5% less CPU per
@@ -488,9 +488,12 @@ async fn serve(
     let max_connections = max_connections(&config.server, config.delivery.workers, nofile);
     let shared = config::Shared::new(config);
     let metrics = metrics::Metrics::new();
-    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone());
-    let stop_background = Arc::new(tokio::sync::Notify::new());
+    // Cancelled by the stop path only once the API's requests are done:
+    // those finishing meanwhile still hand their deliveries to the engine.
+    let stop_background = CancellationToken::new();
+    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone(), stop_background.clone());
     let retention = retention::spawn(store.clone(), shared.clone(), stop_background.clone());
+    tokio::spawn(dispatch::release_at_start(store.clone(), engine.handle.clone(), shared.get()));
     let state = api::AppState {
         store: store.clone(),
         config: shared.clone(),
@@ -498,12 +501,14 @@ async fn serve(
         metrics: metrics.clone(),
     };
     let listener = server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let stop_server = Arc::new(tokio::sync::Notify::new());
-    let server = {
-        let (stop, config) = (stop_server.clone(), shared.clone());
-        let stopped = async move { stop.notified().await };
-        tokio::spawn(server::serve(listener, api::router(state), config, max_connections, stopped))
-    };
+    let stop_api = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        shared.clone(),
+        max_connections,
+        stop_api.clone(),
+    ));
     let config = shared.get();
     tracing::info!(
         listen = %listen,
@@ -513,11 +518,12 @@ async fn serve(
         "nexor-webhookd ready"
     );
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    // Not stopped with the background tasks: it watches the store through
+    // the final sync too.
     watch_store(store.clone(), config.storage.stall_limit);
 
-    // What the process started with: restart-only settings (the bound
-    // address among them) stay as they were, whatever later files say.
-    let started = shared.get();
+    let reloader =
+        reload::Reloader::new(config_path, shared.clone(), store.clone(), engine.handle.clone(), metrics);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -525,19 +531,19 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = hup.recv() => reload(config_path, &shared, &started, &store, &engine.handle, &metrics).await,
+            _ = hup.recv() => reloader.reload().await,
         }
     }
 
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     let grace = shared.get().server.shutdown_grace;
-    stop_server.notify_one();
+    stop_api.cancel();
     if tokio::time::timeout(grace, server).await.is_err() {
         tracing::warn!("requests still open after {grace:?}; closing them");
     }
-    stop_background.notify_one();
+    stop_background.cancel();
     let _ = retention.await;
-    engine.stop(grace).await;
+    engine.finish(grace).await;
     // Everything acknowledged is synced already; this is for the rest. A
     // store that hangs (sled after a failed write) must not keep the
     // process from stopping.
@@ -551,129 +557,6 @@ async fn serve(
     Ok(())
 }
 
-/// SIGHUP: a good file replaces the running config (webhooks added, changed,
-/// removed or disabled take effect at once). Deliveries waiting for a webhook
-/// that is gone or disabled are held, not cancelled, and are due again when
-/// it comes back: a file caught half-written must not destroy anything. A
-/// file that is empty, does not validate, or would remove every webhook is
-/// refused (logged and counted) and the running config stays.
-async fn reload(
-    path: &Path,
-    shared: &config::Shared,
-    started: &config::Config,
-    store: &store::Store,
-    engine: &dispatch::Dispatcher,
-    metrics: &metrics::Metrics,
-) {
-    let old = shared.get();
-    let new = match config::load(path).map_err(|e| e.to_string()).and_then(|new| {
-        match refusal(path, &old, started, &new) {
-            Some(why) => Err(why),
-            None => Ok(new),
-        }
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.reload_refused();
-            tracing::error!("reload refused, the running config stays:\n{e}");
-            return;
-        }
-    };
-    new.warnings.iter().for_each(|w| tracing::warn!("{w}"));
-    let restart = started.needs_restart(&new);
-    if !restart.is_empty() {
-        tracing::warn!(
-            settings = restart.join(", "),
-            "reload: these changes take effect only after a restart"
-        );
-    }
-    let stopped = old.stopped_in(&new);
-    let resumed = old.resumed_in(&new);
-    let webhooks = new.webhooks().len();
-    shared.set(new);
-    if !stopped.is_empty() {
-        match hold_waiting(store, &stopped).await {
-            Ok(n) => tracing::info!(held = n, "reload: deliveries to removed or disabled webhooks held"),
-            Err(e) => tracing::error!(error = %e, "reload: cannot hold deliveries of removed webhooks"),
-        }
-    }
-    for webhook in resumed {
-        match release_held(store, engine, webhook).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(webhook_id = %webhook, released = n, "reload: held deliveries due again"),
-            Err(e) => {
-                tracing::error!(webhook_id = %webhook, error = %e, "reload: cannot release held deliveries")
-            }
-        }
-    }
-    tracing::info!(webhooks, "config reloaded");
-}
-
-/// Why a file that validates must still not replace the running config: an
-/// empty file (an editor or tool caught mid-write), one that would remove
-/// every webhook, or one without an API token while the socket the daemon
-/// started on is off loopback (the file's own `listen` takes a restart, so
-/// validating the token against it would open the API).
-fn refusal(
-    path: &Path,
-    old: &config::Config,
-    started: &config::Config,
-    new: &config::Config,
-) -> Option<String> {
-    let empty = std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
-    if empty {
-        return Some(format!("{} is empty (caught while being written?)", path.display()));
-    }
-    if new.webhooks().is_empty() && !old.webhooks().is_empty() {
-        return Some(format!(
-            "{} has no webhooks, and would remove all {} (caught while being written?); \
-             to stop every webhook, disable them one by one",
-            path.display(),
-            old.webhooks().len()
-        ));
-    }
-    let bound = started.server.listen;
-    if new.server.api_token.is_none() && !bound.ip().is_loopback() {
-        return Some(format!(
-            "{} has no api_token, but the daemon listens on {bound}, which is not a loopback address: \
-             the API would be open to the network",
-            path.display()
-        ));
-    }
-    None
-}
-
-/// Holds every delivery waiting for one of `stopped`: those in the due
-/// index, and those never attempted, which the committer knows.
-async fn hold_waiting(
-    store: &store::Store,
-    stopped: &std::collections::HashSet<uuid::Uuid>,
-) -> Result<usize, store::StoreError> {
-    let wanted = stopped.clone();
-    let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
-    store.hold(keys, stopped.iter().copied().collect()).await
-}
-
-/// Makes a returning webhook's held deliveries due now. Held ones have no
-/// due entry: they are found among the webhook's deliveries, which only a
-/// webhook that has some held needs to go through.
-async fn release_held(
-    store: &store::Store,
-    engine: &dispatch::Dispatcher,
-    webhook: uuid::Uuid,
-) -> Result<usize, store::StoreError> {
-    let keys = store
-        .read(move |r| {
-            if r.webhook_stats(&webhook)?.count(store::Status::Held) == 0 {
-                return Ok(Vec::new());
-            }
-            r.webhook_delivery_keys_since(webhook, 0)
-        })
-        .await?;
-    engine.requeue(store, &keys, &[store::Status::Held]).await
-}
-
-/// Pings systemd's watchdog at half its interval when `WatchdogSec` is set.
 /// Watches that the store gets through its work. While it does, pings the
 /// systemd watchdog (when there is one) at half its interval. A store stuck
 /// with writes waiting (a sync that hangs without an error: nothing is

@@ -6,10 +6,9 @@
 //! time, so "older than the cutoff" is a range scan from the start; an event
 //! still waiting for a retry is skipped until it is final.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock;
 use crate::config;
@@ -18,7 +17,8 @@ use crate::store::{first_seq_at, Store, StoreError};
 /// Events examined per committer request.
 const BATCH: usize = 512;
 
-pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+/// Prunes in the background until `stop` is cancelled.
+pub fn spawn(store: Store, config: config::Shared, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut reloads = config.subscribe();
         loop {
@@ -26,7 +26,7 @@ pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tok
             // A stop must not wait for a pass the store holds up.
             let pruned = tokio::select! {
                 pruned = prune_once(&store, retention) => pruned,
-                _ = shutdown.notified() => return,
+                _ = stop.cancelled() => return,
             };
             match pruned {
                 Ok(0) => {}
@@ -39,7 +39,7 @@ pub fn spawn(store: Store, config: config::Shared, shutdown: Arc<Notify>) -> tok
                 _ = tokio::time::sleep(pause) => {}
                 // A reload may have shortened the retention: look again now.
                 changed = reloads.changed() => if changed.is_err() { return },
-                _ = shutdown.notified() => return,
+                _ = stop.cancelled() => return,
             }
         }
     })

@@ -42,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 use crate::config;
 use crate::dispatch;
@@ -143,7 +144,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Serves `app` on `listener`, at most `max_connections` connections at
-/// once, until `stop` completes; then takes no new connection and returns
+/// once, until `stop` is cancelled; then takes no new connection and returns
 /// once the open ones have finished their requests and closed (the caller
 /// bounds that wait). Timeouts are read from `config` for each connection,
 /// so a reload applies them to connections accepted after it.
@@ -152,13 +153,12 @@ pub async fn serve(
     app: Router,
     config: config::Shared,
     max_connections: usize,
-    stop: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
     let mut at_cap = Report::default();
     let mut failed = Report::default();
-    tokio::pin!(stop);
     loop {
         // A slot first: at the cap, new connections wait in the kernel's
         // backlog and are taken in turn as connections close, rather than
@@ -177,7 +177,7 @@ pub async fn serve(
                 }
                 tokio::select! {
                     permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                    _ = &mut stop => break,
+                    _ = stop.cancelled() => break,
                 }
             }
         };
@@ -191,11 +191,11 @@ pub async fn serve(
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
-                        _ = &mut stop => break,
+                        _ = stop.cancelled() => break,
                     }
                 }
             },
-            _ = &mut stop => break,
+            _ = stop.cancelled() => break,
         };
         let server = &config.get().server;
         let limits = Limits { header: server.header_timeout, idle: server.idle_timeout };

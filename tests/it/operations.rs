@@ -533,3 +533,30 @@ fn metrics_are_openmetrics_by_type_and_by_a_strict_parser() {
     );
     assert!(said.parse::<u32>().unwrap() >= 10, "{said} families:\n{text}");
 }
+
+#[test]
+fn a_webhook_enabled_while_the_daemon_was_stopped_gets_its_held_deliveries_at_start() {
+    let rx = Receiver::start();
+    let hook = |path: &str, enabled: bool| {
+        format!(
+            "[delivery]\nretry_schedule = [\"1h\"]\nallow_private_targets = true\n\n{}\nenabled = {enabled}\n\n{}",
+            webhook(W1, CLIENT_A, &rx.url(path), r#"["*"]"#).trim_end(),
+            webhook(W2, CLIENT_A, &rx.url("/ok/w2"), r#"["*"]"#)
+        )
+    };
+    let mut d = Daemon::start("", &hook("/fail/w1", true));
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    wait_for("W1's first attempt", SETTLE, || delivery_to(&d.event(&event), W1)["status"] == "retrying");
+    // Disabled by a reload: its delivery is held.
+    d.write_config(&hook("/fail/w1", false));
+    d.signal(Signal::HUP);
+    d.wait_log("config reloaded", 1);
+    assert_eq!(delivery_to(&d.event(&event), W1)["status"], "held");
+    assert_eq!(d.terminate(), Some(0));
+    // Enabled in the file while the daemon was stopped: the start releases it.
+    d.write_config(&hook("/ok/back", true));
+    d.start_again();
+    d.wait_settled(&event, &["succeeded"], SETTLE);
+    assert_eq!(rx.hits_on("/ok/back").len(), 1);
+}
