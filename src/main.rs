@@ -7,6 +7,8 @@
 //! `restore` and `check-storage` work on a stopped one's storage; `receive`
 //! and `verify` are tools for the receiving side.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod client;
 mod config;
@@ -30,6 +32,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rustix::process::Resource;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -238,8 +241,7 @@ fn main() -> ExitCode {
         // Events carry personal data: whatever the daemon or a restore
         // creates (the storage directory, sled's files, blobs, the ledger,
         // backups) is for the daemon's user alone.
-        // SAFETY: umask only sets the process's file-mode mask.
-        unsafe { libc::umask(0o077) };
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     }
     match command {
         Command::CheckConfig { config } => match config::load(&config) {
@@ -438,10 +440,7 @@ fn open_files_limit() -> u64 {
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot raise the open files limit");
-            let mut limit = libc::rlimit { rlim_cur: 1024, rlim_max: 0 };
-            // SAFETY: getrlimit writes only the struct it is given.
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-            limit.rlim_cur
+            rustix::process::getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
         }
     }
 }

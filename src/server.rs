@@ -38,6 +38,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -86,31 +87,23 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// uses `select(2)`, which fails above 1024. Returns the soft limit before
 /// and after.
 pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes only the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let before = limit.rlim_cur;
+    let limit = getrlimit(Resource::Nofile);
     // The kernel caps descriptors at fs.nr_open whatever the limit says,
     // and refuses a soft limit above it: an unlimited hard limit means that.
-    let hard = match limit.rlim_max {
-        libc::RLIM_INFINITY => std::fs::read_to_string("/proc/sys/fs/nr_open")
+    let hard = match limit.maximum {
+        None => std::fs::read_to_string("/proc/sys/fs/nr_open")
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(1 << 20),
-        hard => hard,
+        Some(hard) => hard,
     };
+    let before = limit.current.unwrap_or(u64::MAX);
     if before >= hard {
         return Ok((before, before));
     }
-    limit.rlim_cur = hard;
-    // glibc makes this the prlimit64 system call, which the systemd unit's
+    // rustix makes this the prlimit64 system call, which the systemd unit's
     // filter allows (the `@resources` set it denies has only setrlimit).
-    // SAFETY: setrlimit reads only the struct it is given.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: limit.maximum })?;
     Ok((before, hard))
 }
 
