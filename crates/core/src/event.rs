@@ -192,21 +192,48 @@ pub struct Envelope<'a> {
     pub data: &'a str,
 }
 
+/// The envelope as serde writes it: the contract's eight keys, in this
+/// order (a derived `Serialize` writes fields in declaration order). The
+/// signature covers these bytes, so field order and names are the contract.
+#[derive(Serialize)]
+struct Wire<'a> {
+    event_type: &'a str,
+    event_id: Uuid,
+    webhook_id: Uuid,
+    delivery_id: Uuid,
+    timestamp: &'a str,
+    client_id: Uuid,
+    test: bool,
+    /// `None` (written `null`) only for stored data that is not JSON, which
+    /// ingest never lets in ([`data_object`]): a record damaged past its
+    /// codec still gives a receiver a JSON body, not a panic.
+    data: Option<&'a RawValue>,
+}
+
+/// Room for everything but `data`, so the body is written into one
+/// allocation: the keys and punctuation (110 bytes), four uuids (144), the
+/// timestamp (24), `false` and the longest type name (27) make 310.
+const ENVELOPE_HEAD: usize = 320;
+
 /// The JSON body of one attempt: exactly the contract's eight keys, in its
 /// order, with `data` spliced in as the bytes the application sent.
 pub fn envelope(e: &Envelope) -> Vec<u8> {
-    format!(
-        r#"{{"event_type":"{}","event_id":"{}","webhook_id":"{}","delivery_id":"{}","timestamp":"{}","client_id":"{}","test":{},"data":{}}}"#,
-        e.event_type.as_str(),
-        e.event_id,
-        e.webhook_id,
-        e.delivery_id,
-        clock::format_ms(e.timestamp_ms),
-        e.client_id,
-        e.test,
-        e.data
-    )
-    .into_bytes()
+    let timestamp = clock::format_ms(e.timestamp_ms);
+    let wire = Wire {
+        event_type: e.event_type.as_str(),
+        event_id: e.event_id,
+        webhook_id: e.webhook_id,
+        delivery_id: e.delivery_id,
+        timestamp: &timestamp,
+        client_id: e.client_id,
+        test: e.test,
+        data: serde_json::from_str(e.data).ok(),
+    };
+    let mut body = Vec::with_capacity(ENVELOPE_HEAD + e.data.len());
+    // Writing to a Vec cannot fail, and strings, uuids, a bool and raw JSON
+    // always serialise.
+    serde_json::to_writer(&mut body, &wire).expect("an envelope always serialises into a Vec");
+    body
 }
 
 #[cfg(test)]
@@ -347,5 +374,102 @@ mod tests {
         assert_eq!(v["event_type"], "meeting.no_show");
         assert_eq!(v["test"], true);
         assert_eq!(v["data"]["x"], "y");
+    }
+
+    /// What `envelope` wrote with `format!` before it used serde: the oracle
+    /// for the properties below, since the signature covers these bytes.
+    fn envelope_by_format(e: &Envelope) -> Vec<u8> {
+        format!(
+            r#"{{"event_type":"{}","event_id":"{}","webhook_id":"{}","delivery_id":"{}","timestamp":"{}","client_id":"{}","test":{},"data":{}}}"#,
+            e.event_type.as_str(),
+            e.event_id,
+            e.webhook_id,
+            e.delivery_id,
+            clock::format_ms(e.timestamp_ms),
+            e.client_id,
+            e.test,
+            e.data
+        )
+        .into_bytes()
+    }
+
+    fn uuid(s: &str) -> Uuid {
+        Uuid::parse_str(s).unwrap()
+    }
+
+    #[test]
+    fn envelope_bytes_are_the_contract() {
+        let base = Envelope {
+            event_type: EventType::WorkflowRunStatusChanged,
+            event_id: uuid("550e8400-e29b-41d4-a716-446655440000"),
+            webhook_id: uuid("0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f"),
+            delivery_id: uuid("F47AC10B-58CC-4372-A567-0E02B2C3D479"),
+            timestamp_ms: 1_796_407_349_123,
+            client_id: uuid(CLIENT),
+            test: false,
+            data: "{}",
+        };
+        let head = concat!(
+            r#"{"event_type":"workflow_run.status_changed","event_id":"550e8400-e29b-41d4-a716-446655440000","#,
+            r#""webhook_id":"0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f","delivery_id":"f47ac10b-58cc-4372-a567-0e02b2c3d479","#,
+            r#""timestamp":"2026-12-04T18:02:29.123Z","client_id":"6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10","test":false,"data":"#
+        );
+        // Data is the application's bytes untouched: its spaces, its own
+        // escapes (`\u00e9`, `\/`, a surrogate pair), raw unicode, nesting.
+        for data in [
+            "{}",
+            r#"{"name": "Zoë Ødegård 日本語 🎉", "note":"tab\there \"quoted\" back\\slash \/ \u00e9 \ud83c\udf89"}"#,
+            r#"{"a":{"b":{"c":[1, -2.50e+3, true, null, {"d":[]}]}},"big":123456789012345678901234567890}"#,
+            "{\n  \"ctrl\": \"\\u0000\\u001f\",\n  \"x\": 1\n}",
+        ] {
+            let e = Envelope { data, ..base };
+            let body = envelope(&e);
+            assert_eq!(String::from_utf8(body.clone()).unwrap(), format!("{head}{data}}}"));
+            assert_eq!(body, envelope_by_format(&e));
+        }
+        let e = Envelope { event_type: EventType::MeetingNoShow, test: true, timestamp_ms: 0, ..base };
+        assert_eq!(
+            String::from_utf8(envelope(&e)).unwrap(),
+            concat!(
+                r#"{"event_type":"meeting.no_show","event_id":"550e8400-e29b-41d4-a716-446655440000","#,
+                r#""webhook_id":"0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f","delivery_id":"f47ac10b-58cc-4372-a567-0e02b2c3d479","#,
+                r#""timestamp":"1970-01-01T00:00:00.000Z","client_id":"6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10","test":true,"data":{}}"#
+            )
+        );
+        // The head estimate holds for the longest type, so one allocation.
+        assert!(envelope(&base).len() - base.data.len() <= ENVELOPE_HEAD);
+        // Stored data that is not JSON (ingest refuses it) still makes JSON.
+        let damaged = envelope(&Envelope { data: "{\"a\":", ..base });
+        assert!(damaged.ends_with(br#""test":false,"data":null}"#));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Whatever the event, and whatever text the data's strings hold, the
+        /// bytes are those `format!` wrote.
+        #[test]
+        fn envelope_is_what_format_wrote(
+            ty in 0..EventType::ALL.len(), ids in proptest::prelude::any::<[u128; 4]>(),
+            ms in 0..=253_402_300_799_999i64, test in proptest::prelude::any::<bool>(),
+            key in ".{0,8}", text in ".{0,40}", n in proptest::prelude::any::<f64>(), pad in "[ \t\n]{0,2}",
+        ) {
+            let data = format!(
+                "{{{pad}{}:{pad}{},\"n\":{n},\"nested\":{{\"v\":[{},{pad}null]}}}}",
+                serde_json::to_string(&key).unwrap(),
+                serde_json::to_string(&text).unwrap(),
+                serde_json::to_string(&text).unwrap().replace('/', "\\/"),
+            );
+            let e = Envelope {
+                event_type: EventType::ALL[ty],
+                event_id: Uuid::from_u128(ids[0]),
+                webhook_id: Uuid::from_u128(ids[1]),
+                delivery_id: Uuid::from_u128(ids[2]),
+                timestamp_ms: ms,
+                client_id: Uuid::from_u128(ids[3]),
+                test,
+                data: &data,
+            };
+            proptest::prop_assert_eq!(envelope(&e), envelope_by_format(&e));
+        }
     }
 }
