@@ -37,11 +37,10 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-// mimalloc: ~9% fewer instructions per event than glibc's malloc, which also
-// stalls in `malloc_consolidate` (callgrind and perf), and ~5% less CPU per
-// event at full speed (BENCHMARKS.md), for ~30 MB more RSS. Built without
-// transparent huge pages: with them its arenas took RSS from ~90 MB to
-// ~330 MB under `loadtest --scenario throughput`.
+// mimalloc: fewer instructions and less CPU per event than glibc's malloc,
+// which stalls in `malloc_consolidate`, for some more RSS; built without
+// transparent huge pages, which multiplied its RSS. The figures are in
+// BENCHMARKS.md ("What changed in session 4", item 1).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -482,7 +481,9 @@ async fn serve(
         accept_data_loss,
         on_failure: stop_on_storage_failure,
     };
-    let store = store::Store::open(&config.storage.path, &options)?;
+    // Opening reads and may index the whole store: off the runtime's threads.
+    let path = config.storage.path.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&path, &options)).await??;
     let listen = config.server.listen;
     let max_connections = max_connections(&config.server, config.delivery.workers, nofile);
     let shared = config::Shared::new(config);
