@@ -32,6 +32,7 @@ use crate::clock;
 use crate::config::{self, Config};
 use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
+use crate::lanes::Lanes;
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::schedule::{self, Ended, Limits, Policy, Queue, Refill};
@@ -197,6 +198,7 @@ async fn run(
     // However this task ends, idle workers must wake up and exit.
     let _close = CloseOnDrop(jobs.clone());
     let mut queue = Queue::new(WINDOW, CAPACITY, per_webhook);
+    let mut lanes = Lanes::default();
     let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
     let mut limits_from: Option<Arc<Config>> = None;
@@ -206,6 +208,7 @@ async fn run(
         let current = config.get();
         if !limits_from.as_ref().is_some_and(|c| Arc::ptr_eq(c, &current)) {
             queue.set_limits(limits(&current));
+            lanes.set(&current.webhooks().iter().filter(|w| w.fifo).map(|w| w.id).collect());
             limits_from = Some(current);
         }
         let mut now = clock::now_ms() as u64;
@@ -225,6 +228,22 @@ async fn run(
         // While the store fails writes, attempts wait too: their outcomes
         // could not be recorded.
         let store_ok = now >= store_failing_until;
+        if store_ok && !lanes.to_read().is_empty() {
+            let read = tokio::select! {
+                read = read_heads(&store, &mut lanes) => read,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = read {
+                tracing::error!(error = %e, "cannot read an in-order webhook's next delivery; retrying in 1s");
+                store_failing_until = now + STORE_RETRY_MS;
+            }
+        }
+        let store_ok = now >= store_failing_until;
+        if store_ok {
+            for due in lanes.pop_due(now) {
+                jobs.give((due, None));
+            }
+        }
         while store_ok && queue.in_flight() < max_in_flight {
             let Some(due) = queue.pop_due(now) else { break };
             jobs.give((due, fresh.0.remove(&due.key)));
@@ -233,6 +252,7 @@ async fn run(
             index(&store, &tx, queue.take_let_go());
         }
         let mut wake = queue.next_wake(store_ok && queue.in_flight() < max_in_flight);
+        wake = [wake, lanes.next_wake()].into_iter().flatten().min();
         if store_failing_until > now {
             wake = Some(wake.map_or(store_failing_until, |w| w.min(store_failing_until)));
         }
@@ -241,9 +261,9 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                let mut store_failed = handle(&mut queue, &mut fresh, &store, msg);
+                let mut store_failed = handle(&mut queue, &mut lanes, &mut fresh, &store, msg);
                 while let Ok(msg) = rx.try_recv() {
-                    store_failed |= handle(&mut queue, &mut fresh, &store, msg);
+                    store_failed |= handle(&mut queue, &mut lanes, &mut fresh, &store, msg);
                 }
                 if store_failed {
                     store_failing_until = clock::now_ms() as u64 + STORE_RETRY_MS;
@@ -260,9 +280,18 @@ fn limits(config: &Config) -> HashMap<Uuid, Limits> {
     config
         .webhooks()
         .iter()
-        .filter(|w| w.rate_limit.is_some() || w.max_in_flight.is_some())
-        .map(|w| (w.id, Limits { in_flight: w.max_in_flight, rate: w.rate_limit }))
+        .filter(|w| w.rate_limit.is_some() || w.max_in_flight.is_some() || w.fifo)
+        .map(|w| (w.id, Limits { in_flight: w.max_in_flight, rate: w.rate_limit, fifo: w.fifo }))
         .collect()
+}
+
+/// Reads the head of every lane that needs it, one blocking-pool hop each.
+async fn read_heads(store: &Store, lanes: &mut Lanes) -> Result<(), StoreError> {
+    for (webhook, from) in lanes.to_read() {
+        let head = store.read(move |r| r.first_waiting(webhook, from)).await?;
+        lanes.read(webhook, head);
+    }
+    Ok(())
 }
 
 /// A job: a due entry, and its event if this is the delivery's first attempt.
@@ -333,25 +362,33 @@ impl Drop for CloseOnDrop {
 }
 
 /// Applies `msg`; `true` if it says the store failed a write.
-fn handle(queue: &mut Queue, fresh: &mut Fresh, store: &Store, msg: Msg) -> bool {
+fn handle(queue: &mut Queue, lanes: &mut Lanes, fresh: &mut Fresh, store: &Store, msg: Msg) -> bool {
     match msg {
-        Msg::Scheduled(due, None) => {
+        // An in-order webhook's deliveries are its lane's: the lane reads
+        // its head again. (A new one stays unindexed until its outcome.)
+        Msg::Scheduled(due, event) => {
             for d in due {
-                queue.insert(d);
-            }
-        }
-        // An ingest's deliveries: stored without due entries.
-        Msg::Scheduled(due, Some(event)) => {
-            for d in due {
-                if queue.insert_unindexed(d) {
-                    fresh.put(d.key, &event);
+                if lanes.owns(&d.key.webhook) {
+                    lanes.scheduled(d.key);
+                } else if let Some(event) = &event {
+                    if queue.insert_unindexed(d) {
+                        fresh.put(d.key, event);
+                    }
+                } else {
+                    queue.insert(d);
                 }
             }
         }
         Msg::Attempted(key) => queue.attempted(key),
-        Msg::Finished(key, next) => queue.finished(key, next),
+        Msg::Finished(key, next) => {
+            if !lanes.finished(key, next) {
+                queue.finished(key, next);
+            }
+        }
         Msg::Unrecorded(key, retry) => {
-            queue.unrecorded(key, retry);
+            if !lanes.unrecorded(key, retry) {
+                queue.unrecorded(key, retry);
+            }
             return true;
         }
         Msg::NotIndexed(due) => {
@@ -359,7 +396,10 @@ fn handle(queue: &mut Queue, fresh: &mut Fresh, store: &Store, msg: Msg) -> bool
             return true;
         }
         Msg::Paused(key) => {
-            queue.finished(key, None);
+            if !lanes.finished(key, None) {
+                queue.finished(key, None);
+            }
+            lanes.reread(&key.webhook);
             // Off this task: it reads the webhook's waiting deliveries.
             let store = store.clone();
             tokio::spawn(async move {

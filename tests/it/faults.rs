@@ -191,7 +191,8 @@ fn an_unreadable_record_is_set_aside_not_a_crash_loop() {
     wait_for("the damaged delivery to be set aside", SETTLE, || {
         metrics().contains("nexor_webhookd_deliveries_set_aside 1")
     });
-    assert!(metrics().contains("nexor_webhookd_undecodable_records_total 1"));
+    let seen = metrics();
+    assert!(seen.contains("nexor_webhookd_undecodable_records_total 1"), "{seen}\n{}", d.log());
     assert!(d.log().contains("setting it aside"));
     // Set aside once, not retried on every restart: after a restart, a new
     // event goes through and the damaged one is not looked at again.

@@ -240,3 +240,36 @@ fn an_admin_hears_of_a_pause_and_a_resume_signed_like_a_delivery() {
         assert_eq!(h.header("x-nexor-signature"), expected);
     }
 }
+
+#[test]
+fn an_in_order_webhook_gets_one_delivery_at_a_time_in_ingest_order_through_retries() {
+    let rx = Receiver::start();
+    // Each event's first two attempts fail: without ordering, the second
+    // event's attempts would go while the first waits for its retry.
+    let rest = format!(
+        "[delivery]\nretry_schedule = [\"100ms\", \"100ms\", \"100ms\"]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/each/2/fifo"), r#"["*"]"#).replacen(
+            "events =",
+            "ordering = \"fifo\"\nevents =",
+            1
+        )
+    );
+    let mut d = Daemon::start("", &rest);
+    let mut events: Vec<String> = (0..4).map(|n| send(&d, n)).collect();
+    for e in &events {
+        d.wait_settled(e, &["succeeded"], SETTLE);
+    }
+    // A restart keeps the order: two more, one left retrying across it.
+    events.extend((4..6).map(|n| send(&d, n)));
+    wait_for("the first of the two to be retrying", SETTLE, || delivery_status(&d, &events[4]) == "retrying");
+    d.restart();
+    for e in &events[4..] {
+        d.wait_settled(e, &["succeeded"], SETTLE);
+    }
+    let arrived: Vec<u64> =
+        rx.hits_on("/each/2/fifo").iter().map(|h| h.json()["data"]["n"].as_u64().unwrap()).collect();
+    let mut sorted = arrived.clone();
+    sorted.sort();
+    assert_eq!(arrived, sorted, "every attempt in ingest order, retries included");
+    assert_eq!(arrived.iter().filter(|&&n| n == 0).count(), 3);
+}

@@ -149,6 +149,10 @@ pub struct Webhook {
     pub max_in_flight: Option<usize>,
     /// Overrides `[delivery] timeout`.
     pub timeout: Option<Duration>,
+    /// `ordering = "fifo"`: one delivery at a time, in the order the events
+    /// came in; the next waits until the one before succeeds or finally
+    /// fails.
+    pub fifo: bool,
     /// Static extra headers sent with every attempt, names in lower case;
     /// a value may be a credential (`Authorization`), so it is a secret.
     pub headers: Vec<(String, Secret)>,
@@ -400,6 +404,7 @@ struct RawWebhook {
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     headers: std::collections::BTreeMap<String, Spanned<String>>,
+    ordering: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -751,6 +756,11 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             Some(v) => c.duration(v, "timeout").map(Some),
         };
         let headers = check_headers(&mut c, &w.headers);
+        let fifo = match w.ordering.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+            None | Some(("any", _)) => Some(false),
+            Some(("fifo", _)) => Some(true),
+            Some((other, span)) => c.fail(span, format!("ordering: {other:?} is not \"any\" or \"fifo\"")),
+        };
         inline_secrets |= !w.headers.is_empty();
         let standard_key = match (w.standard_webhooks, &secret) {
             (false, _) | (true, None) => Some(None),
@@ -770,7 +780,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             Some(events),
             Some(standard_key),
             Some(pause_after),
-            (Some(rate_limit), Some(max_in_flight), Some(timeout), Some(headers)),
+            (Some(rate_limit), Some(max_in_flight), Some(timeout), Some(headers), Some(fifo)),
         ) = (
             id,
             client_id,
@@ -779,7 +789,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
             events,
             standard_key,
             webhook_pause_after,
-            (rate_limit, max_in_flight, webhook_timeout, headers),
+            (rate_limit, max_in_flight, webhook_timeout, headers, fifo),
         ) {
             webhooks.push(Webhook {
                 id,
@@ -795,6 +805,7 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
                 max_in_flight,
                 timeout,
                 headers,
+                fifo,
             });
         }
     }
@@ -1448,6 +1459,15 @@ events = ["meeting.scheduled"]
                 .replace("allow_private_targets = true\n", ""),
         );
         assert!(e[0].1.starts_with("url: 10.0.0.1 is a private address"), "{e:?}");
+    }
+
+    #[test]
+    fn ordering_is_any_or_fifo() {
+        let with = |o: &str| GOOD.replace("events = [", &format!("ordering = \"{o}\"\nevents = ["));
+        assert!(!parse(GOOD, Path::new("/")).unwrap().webhooks()[0].fifo);
+        assert!(!parse(&with("any"), Path::new("/")).unwrap().webhooks()[0].fifo);
+        assert!(parse(&with("fifo"), Path::new("/")).unwrap().webhooks()[0].fifo);
+        assert_eq!(errors(&with("lifo"))[0].1, "ordering: \"lifo\" is not \"any\" or \"fifo\"");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod event;
+pub mod lanes;
 pub mod schedule;
 pub mod sign;
 pub mod target;

@@ -60,6 +60,9 @@ pub struct Limits {
     pub in_flight: Option<usize>,
     /// Most attempts started per second.
     pub rate: Option<f64>,
+    /// In order, one at a time: the dispatcher's, not the queue's to
+    /// attempt (the queue lets its entries go).
+    pub fifo: bool,
 }
 
 /// A token bucket: `rate` tokens a second, holding at most a second's
@@ -236,6 +239,12 @@ impl Queue {
     /// Sets the webhooks' own limits (those not named have none). A webhook
     /// whose rate limit goes gets the entries it held for tokens back.
     pub fn set_limits(&mut self, limits: HashMap<Uuid, Limits>) {
+        // Entries of a webhook that is no longer in order were let go
+        // below the cursor: read everything again.
+        let unordered = self.limits.iter().any(|(w, l)| l.fifo && !limits.get(w).is_some_and(|l| l.fifo));
+        if unordered {
+            self.forget_all();
+        }
         self.buckets.retain(|w, b| limits.get(w).and_then(|l| l.rate) == Some(b.rate));
         let freed: Vec<Uuid> =
             self.rate_waiting.keys().filter(|w| !self.buckets.contains_key(*w)).copied().collect();
@@ -244,6 +253,22 @@ impl Queue {
             self.rate_waiting.remove(&webhook);
             self.release_held(webhook, self.free_slots(&webhook));
         }
+    }
+
+    /// Forgets every entry not in flight and reads the index again from the
+    /// start (unindexed entries are let go, to be indexed first).
+    fn forget_all(&mut self) {
+        let ready = std::mem::take(&mut self.ready);
+        let held: Vec<Due> = std::mem::take(&mut self.held).into_values().flat_map(|h| h.set).collect();
+        for d in ready.into_iter().chain(held) {
+            self.leave(d);
+        }
+        self.cursor = Due::at(0);
+        self.beyond = Some(0);
+    }
+
+    fn is_fifo(&self, webhook: &Uuid) -> bool {
+        !self.limits.is_empty() && self.limits.get(webhook).is_some_and(|l| l.fifo)
     }
 
     /// Most attempts of `webhook` in flight at once.
@@ -312,6 +337,10 @@ impl Queue {
                 continue;
             }
             let webhook = first.key.webhook;
+            if self.is_fifo(&webhook) {
+                self.leave(first);
+                continue;
+            }
             let flying = self.flying.get(&webhook).copied().unwrap_or(0);
             if flying < self.cap(&webhook) && self.take_token(webhook, now_ms) {
                 *self.flying.entry(webhook).or_default() += 1;
@@ -713,8 +742,8 @@ mod tests {
         let mut q = Queue::new(Duration::from_secs(30), 100, 10);
         let w = |n: u8| Uuid::from_bytes([n; 16]);
         let limits = HashMap::from([
-            (w(1), Limits { rate: Some(2.0), in_flight: None }),
-            (w(3), Limits { rate: None, in_flight: Some(1) }),
+            (w(1), Limits { rate: Some(2.0), ..Limits::default() }),
+            (w(3), Limits { in_flight: Some(1), ..Limits::default() }),
         ]);
         q.set_limits(limits);
         index.serve(&mut q, 1000);

@@ -720,6 +720,24 @@ impl Reader {
         self.db.range(start..end).keys().map(|k| Ok(keys::parse_delivery(&k?))).collect()
     }
 
+    /// The oldest delivery of `webhook` from `from_seq` on that waits for
+    /// an attempt (pending or retrying), and when it is due: the head of an
+    /// in-order webhook. Goes through the webhook's delivery log, which is
+    /// kept in sequence order; a record that cannot be decoded is passed
+    /// over (the delivery is set aside when it comes due).
+    pub fn first_waiting(&self, webhook: Uuid, from_seq: u64) -> Result<Option<Due>, StoreError> {
+        let start = keys::delivery(DeliveryKey { seq: from_seq, webhook });
+        let end = keys::delivery(DeliveryKey { seq: u64::MAX, webhook });
+        for kv in self.db.range(start..end) {
+            let (k, v) = kv?;
+            let Ok(d) = codec::decode::<DeliveryRecord>(&k, &v) else { continue };
+            if let (Status::Pending | Status::Retrying, Some(at)) = (d.status, d.next_attempt_at) {
+                return Ok(Some(Due { at_ms: at.max(0) as u64, key: keys::parse_delivery(&k) }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Every delivery in the due index whose webhook `wanted` selects.
     pub fn waiting_deliveries(&self, wanted: impl Fn(&Uuid) -> bool) -> Result<Vec<DeliveryKey>, StoreError> {
         let mut out = Vec::new();
