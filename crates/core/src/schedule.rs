@@ -771,6 +771,26 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_entry_over_the_rate_wakes_the_queue_at_its_token() {
+        let index = Index((0..3).map(|i| due_to(1000, i, 1)).collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        let limit = Limits { rate: Some(2.0), ..Limits::default() };
+        q.set_limits(HashMap::from([(Uuid::from_bytes([1; 16]), limit)]));
+        index.serve(&mut q, 1000);
+        // Due exactly now: popped now.
+        assert_eq!(q.pop_key(1000).map(|k| k.seq), Some(0));
+        assert_eq!(q.pop_key(1000).map(|k| k.seq), Some(1));
+        // The third waits alone, and the queue wakes for its token.
+        assert_eq!(q.pop_key(1000), None);
+        assert_eq!(q.next_wake(true), Some(1500));
+        // Half a token later another comes: its wait is the other half.
+        q.insert(due_to(1250, 3, 1));
+        assert_eq!(q.pop_key(1250), None);
+        assert_eq!(q.next_wake(true), Some(1500));
+        assert_eq!(q.pop_key(1500).map(|k| k.seq), Some(2));
+    }
+
+    #[test]
     fn a_late_notice_of_a_delivery_already_in_flight_is_ignored() {
         let index = Index([due(5, 1)].into_iter().collect());
         let mut q = Queue::new(Duration::from_secs(30), 100, 10);

@@ -301,6 +301,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_counts_the_run_of_failures_and_the_last_64_attempts() {
+        let mut s = WebhookStats::default();
+        assert_eq!(s.success_rate(), None);
+        // Failed, failed, succeeded, failed: newest in bit 0.
+        s.attempted(10, Err(Some("HTTP 500".into())));
+        s.attempted(20, Err(None));
+        assert_eq!((s.consecutive_failures, s.failing_since_ms, s.last_failure.clone()), (2, Some(10), None));
+        s.attempted(30, Ok(()));
+        assert_eq!((s.consecutive_failures, s.failing_since_ms, s.last_success_ms), (0, None, Some(30)));
+        s.attempted(40, Err(Some("timed out".into())));
+        assert_eq!(s.success_rate(), Some((0.25, 4)));
+        assert_eq!((s.failing_since_ms, s.last_failure_ms), (Some(40), Some(40)));
+        // Past 64 attempts the oldest fall out: 60 successes then 8
+        // failures leave 56 of 64.
+        let mut s = WebhookStats::default();
+        (0..60).for_each(|t| s.attempted(t, Ok(())));
+        (60..68).for_each(|t| s.attempted(t, Err(None)));
+        assert_eq!(s.success_rate(), Some((56.0 / 64.0, 64)));
+        // The pause rule counts both the run's length and its attempts.
+        let rule = PauseRule::Failing { for_ms: 7, attempts: 8 };
+        assert_eq!(s.pauses(rule, 66), None, "6 ms of failures");
+        assert_eq!(s.pauses(rule, 67), Some(PauseReason::Failing));
+        assert_eq!(s.pauses(PauseRule::Failing { for_ms: 7, attempts: 9 }, 100), None, "8 failures");
+        assert_eq!(s.pauses(PauseRule::Gone, 0), Some(PauseReason::Gone));
+        let names = [PauseReason::Gone, PauseReason::Failing, PauseReason::Operator].map(PauseReason::as_str);
+        assert_eq!(names, ["gone", "failing", "operator"]);
+    }
+
+    #[test]
+    fn stats_of_layout_5_keep_their_health() {
+        let failing = WebhookStatsV5 {
+            last_success_ms: Some(1),
+            last_failure_ms: Some(9),
+            last_failure: Some("HTTP 503".into()),
+            consecutive_failures: 1,
+            by_status: [1, 2, 3, 4, 5, 6],
+        };
+        let s = WebhookStats::from(failing);
+        assert_eq!(
+            (s.last_success_ms, s.last_failure_ms, s.last_failure.as_deref()),
+            (Some(1), Some(9), Some("HTTP 503"))
+        );
+        assert_eq!((s.consecutive_failures, s.failing_since_ms, s.paused), (1, Some(9), None));
+        assert_eq!(Status::ALL.map(|st| s.count(st)), [1, 2, 3, 4, 5, 6]);
+        let healthy = WebhookStatsV5 {
+            consecutive_failures: 0,
+            ..WebhookStatsV5::from(WebhookStatsV4 {
+                last_success_ms: None,
+                last_failure_ms: Some(9),
+                last_failure: None,
+                consecutive_failures: 0,
+                by_status: [0; 5],
+            })
+        };
+        assert_eq!(WebhookStats::from(healthy).failing_since_ms, None, "no run of failures");
+    }
+
+    #[test]
     fn own_event_ids_carry_their_sequence_and_sort_by_it() {
         let seqs = [0u64, 1, 0xffff, 1 << 16, 1_776_443_400_012 << 16 | 0x1234, u64::MAX];
         let mut last = None;
