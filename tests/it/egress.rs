@@ -140,3 +140,53 @@ fn a_proxy_that_is_down_fails_the_attempt_which_is_retried() {
     assert!(attempts[0]["error"].as_str().unwrap().starts_with("connection refused"), "{ev}");
     assert!(rx.hits().is_empty());
 }
+
+/// tinyproxy on a free loopback port, its log (stdout) in `dir`; `None`
+/// where it is not installed (CI installs it).
+fn tinyproxy(dir: &std::path::Path) -> Option<(std::process::Child, u16)> {
+    let port = free_port();
+    let conf = dir.join("tinyproxy.conf");
+    // No ConnectPort line: CONNECT to any port (the test's TLS server has
+    // a random one).
+    std::fs::write(
+        &conf,
+        format!("Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nLogLevel Info\n"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("tinyproxy.log")).unwrap();
+    let child =
+        std::process::Command::new("tinyproxy").arg("-d").arg("-c").arg(&conf).stdout(log).spawn().ok()?;
+    wait_for("tinyproxy", SETTLE, || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Some((child, port))
+}
+
+#[test]
+fn deliveries_go_through_a_real_proxy_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut proxy, port)) = tinyproxy(dir.path()) else {
+        eprintln!("skipped: tinyproxy is not installed");
+        return;
+    };
+    let rx = Receiver::start();
+    let tls = openssl_server().expect("openssl (CI installs it)");
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\nproxy = \"http://127.0.0.1:{port}\"\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/tiny"), r#"["*"]"#),
+        webhook(W2, CLIENT_A, &tls.1, r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let ev = d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "failed"], SETTLE);
+    assert_eq!(rx.hits_on("/ok/tiny").len(), 1, "{ev}");
+    let to_w2 = ev["deliveries"].as_array().unwrap().iter().find(|x| x["webhook_id"] == W2).unwrap();
+    assert!(to_w2["attempts"][0]["error"].as_str().unwrap().starts_with("TLS error"), "{ev}");
+    let log = std::fs::read_to_string(dir.path().join("tinyproxy.log")).unwrap();
+    let tls_authority = tls.1.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    assert!(log.contains(&format!("CONNECT {tls_authority} HTTP/1.1")), "{log}");
+    assert!(log.contains("POST http://127.0.0.1:"), "{log}");
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    let (mut server, _, _) = tls;
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
