@@ -184,4 +184,25 @@ mod tests {
         lanes.set(&HashSet::new());
         assert!(!lanes.owns(&w));
     }
+
+    #[test]
+    fn a_lane_waits_for_its_head_in_flight_and_rereads_after_a_hold() {
+        let (w, other) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]));
+        let mut lanes = Lanes::default();
+        lanes.set(&HashSet::from([w]));
+        assert!(!lanes.owns(&other), "another webhook's deliveries stay the queue's");
+        lanes.read(w, Some(due(10, 5)));
+        assert_eq!(lanes.pop_due(10), [due(10, 5)]);
+        // In flight: no wake for it, and a stale read waits for its outcome.
+        assert_eq!(lanes.next_wake(), None);
+        lanes.reread(&w);
+        assert_eq!(lanes.to_read(), []);
+        // Its outcome could not be stored: still the head, due at the retry.
+        assert!(lanes.unrecorded(key(5), due(1010, 5)));
+        assert!(!lanes.unrecorded(key(5), due(1010, 5)), "not in flight any more");
+        // The reread asked for above happens now; until it has, nothing goes.
+        assert_eq!((lanes.to_read(), lanes.next_wake()), (vec![(w, 5)], None));
+        lanes.read(w, Some(due(1010, 5)));
+        assert_eq!(lanes.next_wake(), Some(1010));
+    }
 }

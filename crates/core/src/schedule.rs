@@ -791,6 +791,24 @@ mod tests {
     }
 
     #[test]
+    fn a_token_taken_with_nothing_behind_it_sets_no_wake() {
+        // The same single entry, with a rate limit and without: the same wake.
+        let wake_after_one = |limits: HashMap<Uuid, Limits>| {
+            let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+            q.set_limits(limits);
+            Index([due_to(1000, 0, 1)].into()).serve(&mut q, 1000);
+            assert_eq!(q.pop_key(1000).map(|k| k.seq), Some(0));
+            q.next_wake(true)
+        };
+        let limit = Limits { rate: Some(2.0), ..Limits::default() };
+        assert_eq!(
+            wake_after_one(HashMap::from([(Uuid::from_bytes([1; 16]), limit)])),
+            wake_after_one(HashMap::new()),
+            "no wake for a token nothing waits for"
+        );
+    }
+
+    #[test]
     fn a_late_notice_of_a_delivery_already_in_flight_is_ignored() {
         let index = Index([due(5, 1)].into_iter().collect());
         let mut q = Queue::new(Duration::from_secs(30), 100, 10);
