@@ -524,7 +524,6 @@ impl Worker {
             (e, d) => {
                 // Written by another version, or damaged: keep it, but out of
                 // the due index, so it is not tried (and logged) forever.
-                self.metrics.undecodable();
                 tracing::error!(event = ?e.err(), delivery = ?d.err(), seq = key.seq, webhook_id = %key.webhook, "cannot load a due delivery; setting it aside");
                 let done = self.done.clone();
                 self.store.set_aside(due, move |r| {

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub oldest_due_age_seconds: f64,
     pub storage_bytes: u64,
     pub set_aside: u64,
+    /// Deliveries set aside since start (the store counts them).
+    pub set_aside_this_run: u64,
     /// Per configured webhook: id, consecutive failures, last success (unix
     /// seconds), whether it is paused.
     pub webhooks: Vec<(Uuid, u32, Option<f64>, bool)>,
@@ -155,10 +157,6 @@ impl Metrics {
         self.inner.latency.observe(seconds);
     }
 
-    pub fn undecodable(&self) {
-        self.inner.undecodable.inc();
-    }
-
     pub fn reload_refused(&self) {
         self.inner.reloads_refused.inc();
     }
@@ -171,6 +169,9 @@ impl Metrics {
         i.oldest_due_age.set(s.oldest_due_age_seconds);
         i.storage_bytes.set(s.storage_bytes as i64);
         i.set_aside.set(s.set_aside as i64);
+        // A counter: it moves on by what the store counted since the last scrape.
+        let counted = i.undecodable.get();
+        i.undecodable.inc_by(s.set_aside_this_run.saturating_sub(counted));
         i.consecutive_failures.clear();
         i.last_success.clear();
         let paused = s.webhooks.iter().filter(|w| w.3).count() as i64;

@@ -166,6 +166,7 @@ async fn healthz() -> Json<Value> {
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let now = clock::now_ms().max(0) as u64;
     let config = state.config.get();
+    let set_aside_this_run = state.store.set_aside_this_run();
     let snapshot = state
         .store
         .read(move |store| {
@@ -185,6 +186,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
                 oldest_due_age_seconds: oldest.map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0),
                 storage_bytes: store.size_on_disk(),
                 set_aside: store.set_aside_count() as u64,
+                set_aside_this_run,
                 webhooks,
             })
         })

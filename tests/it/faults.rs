@@ -303,3 +303,30 @@ fn a_sync_short_of_descriptors_waits_instead_of_stopping_the_daemon() {
     wait_for("the delivery", SETTLE, || rx.hits_on("/ok/patient").len() == 1);
     assert!(d.exited().is_none(), "the daemon stopped:\n{}", d.log());
 }
+
+#[test]
+fn an_unreadable_delivery_never_attempted_is_set_aside_at_start_and_counted() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(&hook_id(1), CLIENT_A, &rx.url("/gate/never"), r#"["*"]"#)
+    );
+    let mut d = Daemon::start("", &cfg);
+    d.send("meeting.scheduled", CLIENT_A, "{}");
+    // In flight behind the closed gate, never recorded: unindexed, under an
+    // open F range that the next start indexes.
+    wait_for("the attempt", SETTLE, || rx.arrivals("/gate/never") == 1);
+    d.kill9();
+    {
+        let db = sled::open(d.dir.path().join("data")).unwrap();
+        let (key, _) = db.scan_prefix(b"D").next().unwrap().unwrap();
+        db.insert(key, vec![99u8, 1, 2, 3]).unwrap();
+        db.flush().unwrap();
+    }
+    d.start_again();
+    let (_, metrics) = d.get("/metrics");
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(metrics.contains("nexor_webhookd_deliveries_set_aside 1"), "{metrics}");
+    assert!(metrics.contains("nexor_webhookd_undecodable_records_total 1"), "{metrics}");
+    rx.set_gate(true);
+}

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock, RwLock};
 
 use uuid::Uuid;
@@ -195,6 +196,9 @@ pub struct Committer {
     pub failure: Failure,
     /// The paused webhooks, for readers that must not wait for sled.
     pub paused: Arc<PausedWebhooks>,
+    /// Deliveries set aside in this run, by either path (a worker's that
+    /// could not load one, or the committer's own reads).
+    pub set_aside_count: Arc<AtomicU64>,
 }
 
 /// The paused webhooks as the committer last changed them, for readers on
@@ -487,7 +491,15 @@ impl Committer {
         if !self.unindexed.settle(&mut p.unindexed, due.key) && p.get(&self.db, &keys::due(due))?.is_some() {
             self.remove_due(p, due)?;
         }
-        p.insert(&keys::set_aside(due.key), due.at_ms.to_be_bytes().to_vec());
+        self.note_set_aside(p, due.key, due.at_ms)
+    }
+
+    /// Lists `key` under `Z`, counting it if it was not there yet.
+    fn note_set_aside(&mut self, p: &mut Pending, key: DeliveryKey, at_ms: u64) -> Result<(), StoreError> {
+        if p.get(&self.db, &keys::set_aside(key))?.is_none() {
+            self.set_aside_count.fetch_add(1, Ordering::Relaxed);
+        }
+        p.insert(&keys::set_aside(key), at_ms.to_be_bytes().to_vec());
         Ok(())
     }
 
@@ -656,7 +668,7 @@ impl Committer {
             Ok(record) => record,
             Err(e @ StoreError::Corrupt { .. }) => {
                 tracing::error!(error = %e, seq = key.seq, webhook_id = %key.webhook, "cannot read a waiting delivery; setting it aside");
-                p.insert(&keys::set_aside(key), 0u64.to_be_bytes().to_vec());
+                self.note_set_aside(p, key, 0)?;
                 return Ok(None);
             }
             Err(e) => return Err(e),

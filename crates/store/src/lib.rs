@@ -149,6 +149,7 @@ struct Inner {
     unindexed: Arc<unindexed::Gauge>,
     liveness: Arc<Liveness>,
     paused: Arc<PausedWebhooks>,
+    set_aside_count: Arc<AtomicU64>,
     /// Declared last, so that it is dropped after `db`.
     _unlocked: WaitForUnlock,
 }
@@ -362,6 +363,7 @@ impl Store {
         let unindexed = Arc::new(unindexed::Gauge::default());
         let liveness = Arc::new(Liveness::default());
         let paused = Arc::new(PausedWebhooks::default());
+        let set_aside_count = Arc::new(AtomicU64::new(0));
         for kv in db.scan_prefix([keys::STATS]) {
             let (k, v) = kv?;
             if let (Some(p), Ok(webhook)) =
@@ -382,6 +384,7 @@ impl Store {
             liveness: liveness.clone(),
             failure: Failure { first: Default::default(), report: options.on_failure },
             paused: paused.clone(),
+            set_aside_count: set_aside_count.clone(),
         };
         // Before anything reads the due index, it must hold every delivery
         // waiting for an attempt.
@@ -403,6 +406,7 @@ impl Store {
             unindexed,
             liveness,
             paused,
+            set_aside_count,
             _unlocked: unlocked,
         };
         Ok(Store { inner: Arc::new(inner) })
@@ -485,6 +489,13 @@ impl Store {
     /// sled, so any thread may ask.
     pub fn paused(&self, webhook: &Uuid) -> Option<Paused> {
         self.inner.paused.get(webhook)
+    }
+
+    /// Deliveries set aside since the store was opened: records that could
+    /// not be decoded (or whose event is gone), met by a worker or by the
+    /// committer itself.
+    pub fn set_aside_this_run(&self) -> u64 {
+        self.inner.set_aside_count.load(Ordering::Relaxed)
     }
 
     /// Every paused webhook.
