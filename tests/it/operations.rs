@@ -560,3 +560,23 @@ fn a_webhook_enabled_while_the_daemon_was_stopped_gets_its_held_deliveries_at_st
     d.wait_settled(&event, &["succeeded"], SETTLE);
     assert_eq!(rx.hits_on("/ok/back").len(), 1);
 }
+
+#[test]
+fn a_delivery_cancelled_while_its_attempt_is_in_flight_stays_cancelled() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\ntimeout = \"1s\"\nretry_schedule = [\"100ms\", \"100ms\"]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/hang/cancelled"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let (_, body) = d.send("meeting.scheduled", CLIENT_A, "{}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    wait_for("the attempt to be under way", SETTLE, || rx.arrivals("/hang/cancelled") == 1);
+    let (status, answer) = d.post(&format!("/v1/webhooks/{W1}/cancel"), "");
+    assert_eq!((status, answer["cancelled"].as_u64()), (200, Some(1)), "{answer}");
+    // The attempt times out after the cancel: kept in the log, not retried.
+    wait_for("the attempt to be recorded", SETTLE, || {
+        delivery_to(&d.event(&event), W1)["attempts"].as_array().unwrap().len() == 1
+    });
+    assert_eq!(delivery_to(&d.event(&event), W1)["status"], "cancelled");
+}

@@ -996,10 +996,15 @@ fn check_headers(
     c: &mut Checker,
     headers: &std::collections::BTreeMap<String, Spanned<String>>,
 ) -> Option<Vec<(String, Secret)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, Secret)> = Vec::new();
     let mut ok = true;
     for (name, value) in headers {
         let lower = name.to_ascii_lowercase();
+        if out.iter().any(|(n, _)| *n == lower) {
+            ok = false;
+            c.fail::<()>(value.span(), format!("headers: {name} is given twice (header names ignore case)"));
+            continue;
+        }
         let reserved = lower.starts_with("x-nexor-")
             || lower.starts_with("webhook-")
             || RESERVED_HEADERS.contains(&lower.as_str());
@@ -1421,6 +1426,9 @@ events = ["meeting.scheduled"]
             assert!(messages.iter().any(|m| m == expected), "{expected:?} not in {messages:?}");
         }
         assert!(!messages.iter().any(|m| m.contains("v1=x")), "values are never echoed: {messages:?}");
+        let twice =
+            GOOD.replace("events = [", "headers = { \"X-Dup\" = \"a\", \"x-dup\" = \"b\" }\nevents = [");
+        assert_eq!(errors(&twice)[0].1, "headers: x-dup is given twice (header names ignore case)");
     }
 
     #[test]

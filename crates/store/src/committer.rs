@@ -593,8 +593,12 @@ impl Committer {
         }
         self.update_delivery(p, key, |r| {
             r.attempts.extend(attempt);
-            r.status = status;
-            r.next_attempt_at = next_attempt_at;
+            // Cancelled while its attempt was in flight: the attempt is
+            // kept, and a success recorded, but it is not retried.
+            if !(r.status == Status::Cancelled && status != Status::Succeeded) {
+                r.status = status;
+                r.next_attempt_at = next_attempt_at;
+            }
             true
         })?;
         Ok(newly)
