@@ -368,6 +368,27 @@ mod tests {
     }
 }
 
+/// The headers every signed POST carries (deliveries and notifications
+/// alike), the contract's `X-Nexor-*` set: `event` is the event type,
+/// `timestamp` unix seconds, `signature` the `v1=` header value.
+pub fn signed_headers<'a>(
+    event: &'a str,
+    delivery_id: &'a str,
+    timestamp: &'a str,
+    webhook_id: &'a str,
+    signature: &'a str,
+) -> [(&'static str, &'a str); 7] {
+    [
+        ("Content-Type", "application/json"),
+        ("X-Nexor-Event", event),
+        ("X-Nexor-Delivery-ID", delivery_id),
+        ("X-Nexor-Timestamp", timestamp),
+        ("X-Nexor-Webhook-ID", webhook_id),
+        ("X-Nexor-Signature", signature),
+        ("User-Agent", USER_AGENT),
+    ]
+}
+
 /// How long a host's allowed addresses are used without asking DNS again.
 /// Without this every attempt waits for a lookup (glibc keeps no cache): a
 /// round trip to the DNS server per delivery (BENCHMARKS.md, "Before and

@@ -228,7 +228,7 @@ async fn run(
         // While the store fails writes, attempts wait too: their outcomes
         // could not be recorded.
         let store_ok = now >= store_failing_until;
-        if store_ok && !lanes.to_read().is_empty() {
+        if store_ok && lanes.need_reading() {
             let read = tokio::select! {
                 read = read_heads(&store, &mut lanes) => read,
                 _ = stop.cancelled() => return,
@@ -588,15 +588,8 @@ impl Worker {
                     sign::header(webhook.signing_secrets(started_at_ms), started_at_ms / 1000, &body);
                 let (did, wid, eid) =
                     (delivery_id.to_string(), webhook.id.to_string(), event.event_id.to_string());
-                let mut headers = vec![
-                    ("Content-Type", "application/json"),
-                    ("X-Nexor-Event", event.event_type.as_str()),
-                    ("X-Nexor-Delivery-ID", did.as_str()),
-                    ("X-Nexor-Timestamp", ts.as_str()),
-                    ("X-Nexor-Webhook-ID", wid.as_str()),
-                    ("X-Nexor-Signature", signature.as_str()),
-                    ("User-Agent", deliver::USER_AGENT),
-                ];
+                let mut headers =
+                    deliver::signed_headers(event.event_type.as_str(), &did, &ts, &wid, &signature).to_vec();
                 // Standard Webhooks' id must be stable across retries: the event_id.
                 let standard = webhook
                     .standard_key

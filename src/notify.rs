@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::clock;
 use crate::config::{self, Config};
-use crate::deliver::{Class, Sender, USER_AGENT};
+use crate::deliver::{signed_headers, Class, Sender};
 use crate::sign;
 use crate::store::Paused;
 
@@ -90,15 +90,7 @@ fn deliver(config: &Config, webhook: Uuid, change: Change) {
         let did = delivery_id.to_string();
         let wid = webhook.to_string();
         let event = change.event_type();
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("X-Nexor-Event", event),
-            ("X-Nexor-Delivery-ID", did.as_str()),
-            ("X-Nexor-Timestamp", ts.as_str()),
-            ("X-Nexor-Webhook-ID", wid.as_str()),
-            ("X-Nexor-Signature", signature.as_str()),
-            ("User-Agent", USER_AGENT),
-        ];
+        let headers = signed_headers(event, &did, &ts, &wid, &signature);
         let answer = sender.post(&notify.url, &headers, &body, None);
         if answer.class == Class::Success {
             tracing::info!(webhook_id = %webhook, event, "notification sent");

@@ -162,6 +162,15 @@ fn a_full_disk_answers_503_and_recovers_by_itself() {
     d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded"], SETTLE);
 }
 
+/// Gives the stopped daemon's first delivery record an unknown format
+/// version: what a future version's record looks like to this build.
+fn damage_first_delivery(d: &Daemon) {
+    let db = sled::open(d.dir.path().join("data")).unwrap();
+    let (key, _) = db.scan_prefix(b"D").next().unwrap().unwrap();
+    db.insert(key, vec![99u8, 1, 2, 3]).unwrap();
+    db.flush().unwrap();
+}
+
 #[test]
 fn an_unreadable_record_is_set_aside_not_a_crash_loop() {
     let rx = Receiver::start();
@@ -178,12 +187,7 @@ fn an_unreadable_record_is_set_aside_not_a_crash_loop() {
     d.kill9();
     // Damage the first event's delivery record the way a future version's
     // record would look to this build: an unknown format version.
-    {
-        let db = sled::open(d.dir.path().join("data")).unwrap();
-        let (key, _) = db.scan_prefix(b"D").next().unwrap().unwrap();
-        db.insert(key, vec![99u8, 1, 2, 3]).unwrap();
-        db.flush().unwrap();
-    }
+    damage_first_delivery(&d);
     d.start_again();
     d.wait_settled(&second, &["succeeded"], SETTLE);
     let metrics =
@@ -317,12 +321,7 @@ fn an_unreadable_delivery_never_attempted_is_set_aside_at_start_and_counted() {
     // open F range that the next start indexes.
     wait_for("the attempt", SETTLE, || rx.arrivals("/gate/never") == 1);
     d.kill9();
-    {
-        let db = sled::open(d.dir.path().join("data")).unwrap();
-        let (key, _) = db.scan_prefix(b"D").next().unwrap().unwrap();
-        db.insert(key, vec![99u8, 1, 2, 3]).unwrap();
-        db.flush().unwrap();
-    }
+    damage_first_delivery(&d);
     d.start_again();
     let (_, metrics) = d.get("/metrics");
     let metrics = metrics.as_str().unwrap().to_owned();

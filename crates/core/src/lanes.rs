@@ -48,6 +48,11 @@ impl Lanes {
         !self.0.is_empty() && self.0.contains_key(webhook)
     }
 
+    /// Whether some lane's head must be read.
+    pub fn need_reading(&self) -> bool {
+        self.0.values().any(|l| l.stale && !l.flying)
+    }
+
     /// Lanes whose head must be read, each with where to start: the
     /// webhook's first delivery from that sequence number on that waits.
     pub fn to_read(&self) -> Vec<(Uuid, u64)> {
@@ -152,8 +157,10 @@ mod tests {
         lanes.set(&HashSet::from([w]));
         assert!(lanes.owns(&w));
         assert_eq!(lanes.to_read(), [(w, 0)]);
+        assert!(lanes.need_reading());
         lanes.read(w, Some(due(10, 5)));
         assert_eq!(lanes.to_read(), []);
+        assert!(!lanes.need_reading());
         assert_eq!(lanes.next_wake(), Some(10));
         assert_eq!(lanes.pop_due(9), []);
         assert_eq!(lanes.pop_due(10), [due(10, 5)]);
