@@ -63,6 +63,9 @@ enum Msg {
     /// The outcome of this delivery is stored and paused its webhook: the
     /// webhook's other waiting deliveries are to be held.
     Paused(DeliveryKey),
+    /// These webhooks' waiting deliveries were just held in the store: the
+    /// entries kept in memory for them are stale.
+    Forget(HashSet<Uuid>),
 }
 
 /// Cheap-to-clone handle for telling the engine about new due deliveries.
@@ -88,6 +91,17 @@ impl Dispatcher {
             self.scheduled(due);
         }
         Ok(requeued)
+    }
+
+    /// Holds every delivery waiting for one of `webhooks`: those in the due
+    /// index, and those never attempted, which the committer knows. Then
+    /// the engine forgets what it kept for them.
+    pub async fn hold_waiting(&self, store: &Store, webhooks: &HashSet<Uuid>) -> Result<usize, StoreError> {
+        let wanted = webhooks.clone();
+        let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
+        let held = store.hold(keys, webhooks.iter().copied().collect()).await?;
+        self.send(Msg::Forget(webhooks.clone()));
+        Ok(held)
     }
 
     /// `due` was just stored; attempt it when its time comes.
@@ -202,6 +216,7 @@ async fn run(
     let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
     let mut limits_from: Option<Arc<Config>> = None;
+    let engine = Dispatcher { tx: tx.clone() };
     loop {
         // The webhooks' own limits, from the config in force (a reload
         // swaps it whole).
@@ -261,9 +276,9 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                let mut store_failed = handle(&mut queue, &mut lanes, &mut fresh, &store, msg);
+                let mut store_failed = handle(&mut queue, &mut lanes, &mut fresh, (&store, &engine), msg);
                 while let Ok(msg) = rx.try_recv() {
-                    store_failed |= handle(&mut queue, &mut lanes, &mut fresh, &store, msg);
+                    store_failed |= handle(&mut queue, &mut lanes, &mut fresh, (&store, &engine), msg);
                 }
                 if store_failed {
                     store_failing_until = clock::now_ms() as u64 + STORE_RETRY_MS;
@@ -362,7 +377,13 @@ impl Drop for CloseOnDrop {
 }
 
 /// Applies `msg`; `true` if it says the store failed a write.
-fn handle(queue: &mut Queue, lanes: &mut Lanes, fresh: &mut Fresh, store: &Store, msg: Msg) -> bool {
+fn handle(
+    queue: &mut Queue,
+    lanes: &mut Lanes,
+    fresh: &mut Fresh,
+    (store, engine): (&Store, &Dispatcher),
+    msg: Msg,
+) -> bool {
     match msg {
         // An in-order webhook's deliveries are its lane's: the lane reads
         // its head again. (A new one stays unindexed until its outcome.)
@@ -401,9 +422,9 @@ fn handle(queue: &mut Queue, lanes: &mut Lanes, fresh: &mut Fresh, store: &Store
             }
             lanes.reread(&key.webhook);
             // Off this task: it reads the webhook's waiting deliveries.
-            let store = store.clone();
+            let (store, engine) = (store.clone(), engine.clone());
             tokio::spawn(async move {
-                match hold_waiting(&store, &HashSet::from([key.webhook])).await {
+                match engine.hold_waiting(&store, &HashSet::from([key.webhook])).await {
                     Ok(held) => {
                         tracing::info!(webhook_id = %key.webhook, held, "paused webhook's deliveries held")
                     }
@@ -414,16 +435,14 @@ fn handle(queue: &mut Queue, lanes: &mut Lanes, fresh: &mut Fresh, store: &Store
                 }
             });
         }
+        Msg::Forget(webhooks) => {
+            for webhook in &webhooks {
+                queue.forget_webhook(webhook);
+                lanes.reread(webhook);
+            }
+        }
     }
     false
-}
-
-/// Holds every delivery waiting for one of `webhooks`: those in the due
-/// index, and those never attempted, which the committer knows.
-pub async fn hold_waiting(store: &Store, webhooks: &HashSet<Uuid>) -> Result<usize, StoreError> {
-    let wanted = webhooks.clone();
-    let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
-    store.hold(keys, webhooks.iter().copied().collect()).await
 }
 
 /// At start: the held deliveries of every webhook the config enables and

@@ -79,7 +79,7 @@ impl Reloader {
         let webhooks = new.webhooks().len();
         self.config.set(new);
         if !stopped.is_empty() {
-            match dispatch::hold_waiting(&self.store, &stopped).await {
+            match self.dispatcher.hold_waiting(&self.store, &stopped).await {
                 Ok(n) => tracing::info!(held = n, "reload: deliveries to removed or disabled webhooks held"),
                 Err(e) => tracing::error!(error = %e, "reload: cannot hold deliveries of removed webhooks"),
             }

@@ -65,7 +65,7 @@ pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let paused = Paused { reason: PauseReason::Operator, at_ms: clock::now_ms() };
     if state.store.pause(id, paused).await?.is_none() {
         notify::send(&state.config, id, notify::Change::Paused(paused));
-        let held = dispatch::hold_waiting(&state.store, &HashSet::from([id])).await?;
+        let held = state.dispatcher.hold_waiting(&state.store, &HashSet::from([id])).await?;
         tracing::info!(webhook_id = %id, held, "webhook paused by an operator");
     }
     let stats = stats_of(&state, vec![id]).await?;

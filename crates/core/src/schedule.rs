@@ -114,6 +114,12 @@ pub struct Queue {
     held: HashMap<Uuid, Held>,
     /// Handed out and not yet finished (stored): never handed out twice.
     in_flight: HashSet<DeliveryKey>,
+    /// A second entry that came for a delivery in flight, kept until the
+    /// attempt lands: the attempt may have read the delivery before an
+    /// operator made it due again (a resume, a redelivery), and then reports
+    /// it settled. Going through it once more costs a read if it is stale;
+    /// dropping it would leave a waiting delivery out of memory.
+    later: HashMap<DeliveryKey, Due>,
     /// Deliveries whose entry here is not in the store's index.
     unindexed: HashSet<DeliveryKey>,
     /// Unindexed entries no longer held here, for the store to index.
@@ -142,6 +148,7 @@ impl Queue {
             ready: BTreeSet::new(),
             held: HashMap::new(),
             in_flight: HashSet::new(),
+            later: HashMap::new(),
             unindexed: HashSet::new(),
             let_go: Vec::new(),
             attempting: HashSet::new(),
@@ -158,11 +165,13 @@ impl Queue {
     }
 
     /// A due entry was just stored (a new delivery or a retry); `false` if
-    /// its delivery is in flight (and so the entry was ignored).
+    /// its delivery is in flight (and so the entry waits for the attempt to
+    /// land).
     pub fn insert(&mut self, d: Due) -> bool {
         // A window read may already have loaded it (the store shows a batch
         // before its sync answers), and it may even be in flight by now.
         if self.in_flight.contains(&d.key) {
+            self.keep_for_later(d);
             return false;
         }
         if d < self.cursor {
@@ -179,10 +188,18 @@ impl Queue {
     /// ignored) if its delivery is in flight.
     pub fn insert_unindexed(&mut self, d: Due) -> bool {
         if self.in_flight.contains(&d.key) {
+            self.keep_for_later(d);
             return false;
         }
         self.unindexed.insert(d.key);
         self.insert(d)
+    }
+
+    /// `d` came while its delivery is in flight: the earliest such entry
+    /// goes back in when the attempt lands.
+    fn keep_for_later(&mut self, d: Due) {
+        let kept = self.later.entry(d.key).or_insert(d);
+        *kept = (*kept).min(d);
     }
 
     /// `d` is no longer held here: fine if the store has it, let go if not.
@@ -267,6 +284,21 @@ impl Queue {
         self.beyond = Some(0);
     }
 
+    /// Forgets `webhook`'s entries not in flight: their deliveries were
+    /// just held in the store (a pause, a webhook disabled), and entries
+    /// kept from before would otherwise spend its tokens on nothing now and
+    /// jump ahead of the rest once they are released.
+    pub fn forget_webhook(&mut self, webhook: &Uuid) {
+        let (gone, kept): (BTreeSet<Due>, BTreeSet<Due>) =
+            std::mem::take(&mut self.ready).into_iter().partition(|d| d.key.webhook == *webhook);
+        self.ready = kept;
+        let held = self.held.remove(webhook).map(|h| h.set).unwrap_or_default();
+        for d in gone.into_iter().chain(held) {
+            self.leave(d);
+        }
+        self.rate_waiting.remove(webhook);
+    }
+
     fn is_fifo(&self, webhook: &Uuid) -> bool {
         !self.limits.is_empty() && self.limits.get(webhook).is_some_and(|l| l.fifo)
     }
@@ -332,8 +364,10 @@ impl Queue {
             }
             self.ready.pop_first();
             // A second entry for a delivery in flight is stale or early; the
-            // attempt in flight reports the delivery's real next entry.
+            // attempt in flight reports the delivery's real next entry (or
+            // read it too soon: see `later`).
             if self.in_flight.contains(&first.key) {
+                self.keep_for_later(first);
                 continue;
             }
             let webhook = first.key.webhook;
@@ -395,7 +429,7 @@ impl Queue {
     fn land(&mut self, key: DeliveryKey, next: Option<Due>) {
         self.attempted(key);
         self.in_flight.remove(&key);
-        if let Some(d) = next {
+        for d in next.into_iter().chain(self.later.remove(&key)) {
             self.insert(d);
         }
     }
@@ -831,6 +865,54 @@ mod tests {
         // The worker finds the stored retry later than the entry it got and reports it.
         q.finished(k, Some(due(8, 1)));
         assert_eq!(q.pop_key(10), Some(k));
+    }
+
+    #[test]
+    fn an_entry_made_due_again_while_its_attempt_is_in_flight_outlives_a_settled_report() {
+        // The attempt read the delivery as held; a resume then made it due
+        // again, and its entry came while the attempt was still in flight.
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        Index(BTreeSet::new()).serve(&mut q, 0);
+        q.insert(due(5, 1));
+        let k = q.pop_key(10).unwrap();
+        assert!(!q.insert(due(9, 1)));
+        assert_eq!(q.pop_key(10), None, "not handed out twice");
+        q.finished(k, None);
+        assert_eq!(q.pop_due(10), Some(due(9, 1)));
+        // The same when the second entry was already waiting when the first popped.
+        q.finished(k, None);
+        q.insert(due(12, 1));
+        q.insert(due(13, 1));
+        assert_eq!(q.pop_key(20), Some(k));
+        assert_eq!(q.pop_key(20), None, "not handed out twice");
+        q.finished(k, None);
+        assert_eq!(q.pop_due(20), Some(due(13, 1)));
+        q.finished(k, None);
+        assert_eq!(q.pop_key(20), None, "each kept entry goes back once");
+    }
+
+    #[test]
+    fn a_webhook_forgotten_after_a_pause_keeps_nothing_that_could_jump_the_line() {
+        let w = |n: u8| Uuid::from_bytes([n; 16]);
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        q.set_limits(HashMap::from([(w(1), Limits { rate: Some(1.0), ..Limits::default() })]));
+        let index = Index((0..4).map(|i| due_to(5, i, 1)).chain([due_to(6, 10, 2)]).collect());
+        index.serve(&mut q, 1000);
+        q.insert_unindexed(due_to(7, 4, 1));
+        let started: Vec<u64> = std::iter::from_fn(|| q.pop_key(1000)).map(|k| k.seq).collect();
+        assert_eq!(started, [0, 10], "one token for webhook 1, the rest held");
+        assert_eq!(q.next_wake(true), Some(2000), "webhook 1's next token");
+        q.forget_webhook(&w(1));
+        assert_eq!(q.next_wake(true), None, "no token to wait for");
+        assert_eq!(q.pop_key(5000), None);
+        // The unindexed entry is let go, for the store to index if it still waits.
+        assert_eq!(q.take_let_go(), vec![due_to(7, 4, 1)]);
+        // Entries made due again come in behind nothing stale.
+        q.finished(DeliveryKey { seq: 0, webhook: w(1) }, None);
+        for seq in 1..4 {
+            q.insert(due_to(6000 + seq, seq, 1));
+        }
+        assert_eq!(q.pop_key(7000).map(|k| k.seq), Some(1));
     }
 
     #[test]
