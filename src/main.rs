@@ -408,8 +408,14 @@ fn read_body(source: &str) -> std::io::Result<Vec<u8>> {
 /// `RUST_LOG` when set, else the config's `log_level`; plain text without
 /// colours unless stderr is a terminal (journald stores it as is).
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Whatever the level, the HTTP client logs nothing below info: at debug
+    // it prints request headers such as User-Agent and Accept in clear,
+    // and a webhook's own header values are secrets like its signing key.
+    for quiet in ["ureq=info", "ureq_proto=info"] {
+        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

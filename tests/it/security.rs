@@ -135,6 +135,9 @@ fn rotation_signs_with_every_unexpired_secret() {
     }
 }
 
+/// Extra headers, among them two the HTTP client logs in clear at debug.
+const HEADERS: &str = r#""User-Agent" = "ua-secret-9c4d", "Accept" = "accept-secret-1b7e", "Authorization" = "Bearer auth-secret-62f0""#;
+
 #[test]
 fn secrets_never_appear_in_logs_api_or_metrics() {
     let rx = Receiver::start();
@@ -143,7 +146,8 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
     let cfg = format!(
         "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}{}",
         webhook(W1, CLIENT_A, &rx.url("/ok/s1"), r#"["*"]"#)
-            .replace(&format!("secret = \"whsec_{W1}\""), "secret = \"inline-secret-51be\""),
+            .replace(&format!("secret = \"whsec_{W1}\""), "secret = \"inline-secret-51be\"")
+            .replacen("events =", &format!("headers = {{ {HEADERS} }}\nevents ="), 1),
         webhook(W2, CLIENT_A, &rx.url("/fail/s2"), r#"["*"]"#).replace(
             &format!("secret = \"whsec_{W2}\""),
             &format!("secret_file = \"{}\"", secret_file.path().display())
@@ -155,6 +159,8 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
     // race every other test's reads of it.
     let mut d = Daemon::configured(None, "api_token = \"token-secret-0d2e\"", &cfg);
     d.env.push(("NEXOR_TEST_ENV_SECRET".into(), "env-secret-77c1".into()));
+    // Everything logged, the HTTP client's own request logs too.
+    d.env.push(("RUST_LOG".into(), "trace,ureq=trace,ureq_proto=trace".into()));
     d.start_again();
     let token = Some("token-secret-0d2e");
     let (status, body) = d.request(
@@ -189,7 +195,21 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
         &ureq::get(format!("{}/metrics", d.base)).call().unwrap().body_mut().read_to_string().unwrap(),
     );
     seen.push_str(&d.request("GET", "/v1/webhooks", Some("wrong"), None).1.to_string());
-    for secret in ["inline-secret-51be", "file-secret-3f9a", "env-secret-77c1", "token-secret-0d2e"] {
+    // The extra headers arrived, and each value is as secret as the rest.
+    let hit = rx.hits_on("/ok/s1").remove(0);
+    assert_eq!(
+        (hit.header("user-agent"), hit.header("accept"), hit.header("authorization")),
+        ("ua-secret-9c4d", "accept-secret-1b7e", "Bearer auth-secret-62f0")
+    );
+    for secret in [
+        "inline-secret-51be",
+        "file-secret-3f9a",
+        "env-secret-77c1",
+        "token-secret-0d2e",
+        "ua-secret-9c4d",
+        "accept-secret-1b7e",
+        "auth-secret-62f0",
+    ] {
         assert!(!seen.contains(secret), "{secret} leaked");
     }
     assert!(seen.contains("<redacted>"));
