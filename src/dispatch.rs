@@ -34,7 +34,7 @@ use crate::deliver::{self, Class, Sender};
 use crate::event::{self, Envelope};
 use crate::lanes::Lanes;
 use crate::metrics::Metrics;
-use crate::notify;
+use crate::notify::{self, Notifier};
 use crate::schedule::{self, Ended, Limits, Policy, Queue, Refill};
 use crate::sign;
 use crate::store::{
@@ -137,6 +137,7 @@ struct Worker {
     reader: Reader,
     config: config::Shared,
     metrics: Metrics,
+    notifier: Notifier,
     sender: Option<(Arc<Config>, Sender)>,
     done: mpsc::UnboundedSender<Msg>,
 }
@@ -154,7 +155,13 @@ pub const FDS_PER_WORKER: u64 = POOL_PER_WORKER as u64 + 2;
 
 /// Starts the engine; it hands out work until `stop` is cancelled (then see
 /// [`Engine::finish`]).
-pub fn start(store: Store, config: config::Shared, metrics: Metrics, stop: CancellationToken) -> Engine {
+pub fn start(
+    store: Store,
+    config: config::Shared,
+    metrics: Metrics,
+    notifier: Notifier,
+    stop: CancellationToken,
+) -> Engine {
     let n = config.get().delivery.workers;
     let (tx, rx) = mpsc::unbounded_channel();
     // Workers hand an outcome to the committer and move on, so more
@@ -165,13 +172,13 @@ pub fn start(store: Store, config: config::Shared, metrics: Metrics, stop: Cance
     let workers = (0..n)
         .map(|i| {
             let (store, config, metrics, done) = (store.clone(), config.clone(), metrics.clone(), tx.clone());
-            let jobs = jobs.clone();
+            let (jobs, notifier) = (jobs.clone(), notifier.clone());
             thread::Builder::new()
                 .name(format!("deliver-{i}"))
                 .spawn(move || {
                     // Taken on this thread: a reader is not for the runtime's.
                     let reader = store.reader();
-                    let mut w = Worker { store, reader, config, metrics, sender: None, done };
+                    let mut w = Worker { store, reader, config, metrics, notifier, sender: None, done };
                     while let Some((due, fresh)) = jobs.take() {
                         w.attempt(due, fresh);
                     }
@@ -687,13 +694,13 @@ impl Worker {
         // only once its outcome is on disk, so the delivery stays in flight
         // (and is not handed out again) until then.
         let done = self.done.clone();
-        let (store, shared) = (self.store.clone(), self.config.clone());
+        let (store, shared, notifier) = (self.store.clone(), self.config.clone(), self.notifier.clone());
         let outcome = Outcome { key, attempt, status, next_attempt_at, pause };
         self.store.record_then(outcome, move |written| {
             let _ = done.send(match written {
                 Ok(Some(paused)) => {
                     tracing::warn!(webhook_id = %key.webhook, reason = paused.reason.as_str(), "webhook paused: its deliveries are held until it is resumed");
-                    notify::send(&shared, key.webhook, notify::Change::Paused(paused));
+                    notifier.send(&shared, key.webhook, notify::Change::Paused(paused));
                     Msg::Paused(key)
                 }
                 // Held by the store, not retried, if its webhook is paused.

@@ -497,7 +497,14 @@ async fn serve(
     // Cancelled by the stop path only once the API's requests are done:
     // those finishing meanwhile still hand their deliveries to the engine.
     let stop_background = CancellationToken::new();
-    let engine = dispatch::start(store.clone(), shared.clone(), metrics.clone(), stop_background.clone());
+    let notifier = notify::Notifier::start().context("starting the notification thread")?;
+    let engine = dispatch::start(
+        store.clone(),
+        shared.clone(),
+        metrics.clone(),
+        notifier.clone(),
+        stop_background.clone(),
+    );
     let retention = retention::spawn(store.clone(), shared.clone(), stop_background.clone());
     tokio::spawn(dispatch::release_at_start(store.clone(), engine.handle.clone(), shared.get()));
     let state = api::AppState {
@@ -505,6 +512,7 @@ async fn serve(
         config: shared.clone(),
         dispatcher: engine.handle.clone(),
         metrics: metrics.clone(),
+        notifier,
     };
     let listener = server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let stop_api = CancellationToken::new();

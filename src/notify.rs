@@ -2,12 +2,18 @@
 //! `[notify]` endpoint gets a `webhook.paused` or `webhook.resumed` event,
 //! enveloped and signed as deliveries are, so that an admin hears of it.
 //!
-//! Best effort, off every hot path: each notification is sent by a thread
-//! of its own, tried a few times over about half a minute, and logged if it
-//! never got through. It is not stored: the pause itself is, and
-//! `GET /v1/webhooks` shows it. Must not touch storage or the dispatcher.
+//! Best effort, off every hot path: one thread sends them one at a time,
+//! tries each a few times over about half a minute, and logs one that
+//! never got through. A failed one waits for its next try without holding
+//! up the rest. At most [`MAX_WAITING`] wait to be sent and as many for a
+//! retry; beyond that a new one is dropped and logged, so an endpoint that
+//! hangs costs one thread and bounded memory. Notifications are not
+//! stored: the pause itself is, and `GET /v1/webhooks` shows it. Must not
+//! touch storage or the dispatcher.
 
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use uuid::Uuid;
@@ -18,9 +24,11 @@ use crate::deliver::{signed_headers, Class, Sender};
 use crate::sign;
 use crate::store::Paused;
 
-/// Waits before each try: at once, then after a second, five, thirty.
-const TRIES: [Duration; 4] =
-    [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
+/// Waits before the second, third and fourth tries.
+const RETRY_AFTER: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
+
+/// Notifications that may wait for the thread, and again for a retry.
+pub const MAX_WAITING: usize = 64;
 
 /// What happened to a webhook.
 #[derive(Clone, Copy, Debug)]
@@ -29,16 +37,102 @@ pub enum Change {
     Resumed,
 }
 
-/// Tells the `[notify]` endpoint, if there is one, that `webhook` changed.
-pub fn send(config: &config::Shared, webhook: Uuid, change: Change) {
-    let config = config.get();
-    if config.notify.is_none() {
-        return;
+/// One notification, with the config in force when it was made.
+struct Notice {
+    config: Arc<Config>,
+    webhook: Uuid,
+    change: Change,
+}
+
+/// Cheap-to-clone handle to the notification thread, which ends once every
+/// handle is gone (the daemon stopping; retries still waiting are dropped).
+#[derive(Clone)]
+pub struct Notifier {
+    tx: SyncSender<Notice>,
+}
+
+impl Notifier {
+    pub fn start() -> std::io::Result<Notifier> {
+        let (tx, rx) = mpsc::sync_channel(MAX_WAITING);
+        std::thread::Builder::new().name("notify".into()).spawn(move || run(rx))?;
+        Ok(Notifier { tx })
     }
-    let spawned =
-        std::thread::Builder::new().name("notify".into()).spawn(move || deliver(&config, webhook, change));
-    if let Err(e) = spawned {
-        tracing::error!(webhook_id = %webhook, error = %e, "cannot start sending a notification");
+
+    /// Tells the `[notify]` endpoint, if there is one, that `webhook`
+    /// changed. Never waits.
+    pub fn send(&self, config: &config::Shared, webhook: Uuid, change: Change) {
+        let config = config.get();
+        if config.notify.is_none() {
+            return;
+        }
+        let event = change.event_type();
+        match self.tx.try_send(Notice { config, webhook, change }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => tracing::error!(
+                webhook_id = %webhook,
+                event,
+                "notification dropped: {MAX_WAITING} are waiting for the [notify] endpoint already"
+            ),
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!(webhook_id = %webhook, event, "notification dropped: its thread is gone")
+            }
+        }
+    }
+}
+
+/// A notice's next try: when, and how many were made.
+struct Retry {
+    at: Instant,
+    made: usize,
+    notice: Notice,
+}
+
+/// The notification thread: takes new notices while fewer than
+/// [`MAX_WAITING`] wait for a retry, and makes each try when it is due.
+fn run(rx: Receiver<Notice>) {
+    let mut retries: Vec<Retry> = Vec::new();
+    loop {
+        let next = retries.iter().map(|r| r.at).min();
+        let wait = next.map(|at| at.saturating_duration_since(Instant::now()));
+        let received = match wait {
+            Some(wait) if retries.len() >= MAX_WAITING => {
+                std::thread::sleep(wait);
+                None
+            }
+            Some(wait) => match rx.recv_timeout(wait) {
+                Ok(notice) => Some(notice),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(notice) => Some(notice),
+                Err(_) => break,
+            },
+        };
+        if let Some(notice) = received {
+            try_once(notice, 0, &mut retries);
+        }
+        let now = Instant::now();
+        while let Some(i) = retries.iter().position(|r| r.at <= now) {
+            let r = retries.swap_remove(i);
+            try_once(r.notice, r.made, &mut retries);
+        }
+    }
+    if !retries.is_empty() {
+        tracing::warn!(dropped = retries.len(), "stopping: notifications waiting for a retry are dropped");
+    }
+}
+
+/// Makes try number `made + 1` of `notice`; a failed one goes back into
+/// `retries` unless it was the last.
+fn try_once(notice: Notice, made: usize, retries: &mut Vec<Retry>) {
+    let Some(error) = deliver(&notice) else { return };
+    let event = notice.change.event_type();
+    match RETRY_AFTER.get(made) {
+        Some(after) => retries.push(Retry { at: Instant::now() + *after, made: made + 1, notice }),
+        None => {
+            tracing::error!(webhook_id = %notice.webhook, event, error, "notification not delivered; giving up")
+        }
     }
 }
 
@@ -76,27 +170,22 @@ fn envelope(config: &Config, webhook: Uuid, change: Change, delivery_id: Uuid, n
     .into_bytes()
 }
 
-fn deliver(config: &Config, webhook: Uuid, change: Change) {
-    let Some(notify) = &config.notify else { return };
+/// One try; `None` if it got through, else why not.
+fn deliver(notice: &Notice) -> Option<String> {
+    let Notice { config, webhook, change } = notice;
+    let notify = config.notify.as_ref()?;
     let sender = Sender::new(&config.delivery, 1);
-    let mut last = None;
-    for wait in TRIES {
-        std::thread::sleep(wait);
-        let delivery_id = Uuid::new_v4();
-        let now_ms = clock::now_ms();
-        let body = envelope(config, webhook, change, delivery_id, now_ms);
-        let ts = (now_ms / 1000).to_string();
-        let signature = sign::header([notify.secret.expose().as_str()], now_ms / 1000, &body);
-        let did = delivery_id.to_string();
-        let wid = webhook.to_string();
-        let event = change.event_type();
-        let headers = signed_headers(event, &did, &ts, &wid, &signature);
-        let answer = sender.post(&notify.url, &headers, &body, None);
-        if answer.class == Class::Success {
-            tracing::info!(webhook_id = %webhook, event, "notification sent");
-            return;
-        }
-        last = answer.error;
+    let delivery_id = Uuid::new_v4();
+    let now_ms = clock::now_ms();
+    let body = envelope(config, *webhook, *change, delivery_id, now_ms);
+    let ts = (now_ms / 1000).to_string();
+    let signature = sign::header([notify.secret.expose().as_str()], now_ms / 1000, &body);
+    let (did, wid, event) = (delivery_id.to_string(), webhook.to_string(), change.event_type());
+    let headers = signed_headers(event, &did, &ts, &wid, &signature);
+    let answer = sender.post(&notify.url, &headers, &body, None);
+    if answer.class == Class::Success {
+        tracing::info!(webhook_id = %webhook, event, "notification sent");
+        return None;
     }
-    tracing::error!(webhook_id = %webhook, error = last.as_deref(), "notification not delivered; giving up");
+    Some(answer.error.unwrap_or_default())
 }

@@ -30,6 +30,7 @@ use crate::config::{self, Config, Webhook};
 use crate::dispatch::Dispatcher;
 use crate::event::IngestError;
 use crate::metrics::{Metrics, Snapshot};
+use crate::notify::Notifier;
 use crate::store::{Attempt, DeliveryRecord, Status, Store, StoreError};
 
 #[derive(Clone)]
@@ -38,6 +39,7 @@ pub struct AppState {
     pub config: config::Shared,
     pub dispatcher: Dispatcher,
     pub metrics: Metrics,
+    pub notifier: Notifier,
 }
 
 pub fn router(state: AppState) -> Router {

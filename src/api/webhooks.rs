@@ -64,7 +64,7 @@ pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let webhook = configured(&config, &id)?;
     let paused = Paused { reason: PauseReason::Operator, at_ms: clock::now_ms() };
     if state.store.pause(id, paused).await?.is_none() {
-        notify::send(&state.config, id, notify::Change::Paused(paused));
+        state.notifier.send(&state.config, id, notify::Change::Paused(paused));
         let held = state.dispatcher.hold_waiting(&state.store, &HashSet::from([id])).await?;
         tracing::info!(webhook_id = %id, held, "webhook paused by an operator");
     }
@@ -85,7 +85,7 @@ pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Re
         false => 0,
     };
     if let Some(was) = was {
-        notify::send(&state.config, id, notify::Change::Resumed);
+        state.notifier.send(&state.config, id, notify::Change::Resumed);
         tracing::info!(webhook_id = %id, released, paused = was.reason.as_str(), "webhook resumed");
     }
     let stats = stats_of(&state, vec![id]).await?;
