@@ -37,11 +37,15 @@ pub enum Change {
     Resumed,
 }
 
-/// One notification, with the config in force when it was made.
+/// One notification, with the config in force when it was made. Its
+/// `event_id` and time stay the same across tries, as a delivery's do, so
+/// that a receiver can tell a retry from a second change.
 struct Notice {
     config: Arc<Config>,
     webhook: Uuid,
     change: Change,
+    event_id: Uuid,
+    at_ms: i64,
 }
 
 /// Cheap-to-clone handle to the notification thread, which ends once every
@@ -66,7 +70,8 @@ impl Notifier {
             return;
         }
         let event = change.event_type();
-        match self.tx.try_send(Notice { config, webhook, change }) {
+        let notice = Notice { config, webhook, change, event_id: Uuid::new_v4(), at_ms: clock::now_ms() };
+        match self.tx.try_send(notice) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => tracing::error!(
                 webhook_id = %webhook,
@@ -147,10 +152,11 @@ impl Change {
 
 /// The notification's envelope: a delivery's keys, with the webhook's
 /// client and the change as `data`.
-fn envelope(config: &Config, webhook: Uuid, change: Change, delivery_id: Uuid, now_ms: i64) -> Vec<u8> {
-    let w = config.webhook(&webhook);
+fn envelope(notice: &Notice, delivery_id: Uuid) -> Vec<u8> {
+    let Notice { config, webhook, change, event_id, at_ms } = notice;
+    let w = config.webhook(webhook);
     let url = w.map(|w| w.url.as_str());
-    let data = match change {
+    let data = match *change {
         Change::Paused(p) => {
             json!({ "url": url, "reason": p.reason.as_str(), "paused_at": clock::format_ms(p.at_ms) })
         }
@@ -158,10 +164,10 @@ fn envelope(config: &Config, webhook: Uuid, change: Change, delivery_id: Uuid, n
     };
     json!({
         "event_type": change.event_type(),
-        "event_id": Uuid::new_v4(),
+        "event_id": event_id,
         "webhook_id": webhook,
         "delivery_id": delivery_id,
-        "timestamp": clock::format_ms(now_ms),
+        "timestamp": clock::format_ms(*at_ms),
         "client_id": w.map(|w| w.client_id),
         "test": false,
         "data": data,
@@ -172,12 +178,12 @@ fn envelope(config: &Config, webhook: Uuid, change: Change, delivery_id: Uuid, n
 
 /// One try; `None` if it got through, else why not.
 fn deliver(notice: &Notice) -> Option<String> {
-    let Notice { config, webhook, change } = notice;
+    let Notice { config, webhook, change, .. } = notice;
     let notify = config.notify.as_ref()?;
     let sender = Sender::new(&config.delivery, 1);
     let delivery_id = Uuid::new_v4();
     let now_ms = clock::now_ms();
-    let body = envelope(config, *webhook, *change, delivery_id, now_ms);
+    let body = envelope(notice, delivery_id);
     let ts = (now_ms / 1000).to_string();
     let signature = sign::header([notify.secret.expose().as_str()], now_ms / 1000, &body);
     let (did, wid, event) = (delivery_id.to_string(), webhook.to_string(), change.event_type());

@@ -252,17 +252,19 @@ fn threads(pid: u32) -> usize {
 }
 
 #[test]
-fn a_hanging_notify_endpoint_costs_one_thread_and_what_it_cannot_hold_is_dropped_and_logged() {
+fn a_failing_notify_endpoint_costs_one_thread_and_what_it_cannot_hold_is_dropped_and_logged() {
     let rx = Receiver::start();
     let rest = format!(
         "[delivery]\nallow_private_targets = true\n\n[notify]\nurl = \"{}\"\nsecret = \"whsec_admin\"\n\n{}",
-        rx.url("/hang/notify"),
+        rx.url("/fail/notify"),
         webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)
     );
     let d = Daemon::start("", &rest);
     let before = threads(d.pid());
-    // Two hundred notifications, each answered after 5 s: none may cost a
-    // thread of its own, nor slow the pause or resume that made it.
+    // Two hundred notifications, each failed: none may cost a thread of
+    // its own, nor slow the pause or resume that made it. Once 64 wait for
+    // a retry (the next in a second, then five) the thread takes no new
+    // one, and once 64 more wait for it the rest are dropped.
     for _ in 0..100 {
         for action in ["pause", "resume"] {
             let (status, body) = d.post(&format!("/v1/webhooks/{W1}/{action}"), "");
@@ -273,6 +275,45 @@ fn a_hanging_notify_endpoint_costs_one_thread_and_what_it_cannot_hold_is_dropped
     // (The runtime's blocking pool may have grown by a thread or two.)
     assert!(now <= before + 4, "{before} threads before the notifications, {now} after");
     d.wait_log("notification dropped", 1);
+}
+
+#[test]
+fn a_failed_notification_is_retried_as_the_same_event_without_holding_up_the_next() {
+    let rx = Receiver::start();
+    // The endpoint fails the first try of each event_id.
+    let rest = format!(
+        "[delivery]\nallow_private_targets = true\n\n[notify]\nurl = \"{}\"\nsecret = \"whsec_admin\"\n\n{}",
+        rx.url("/each/1/notify"),
+        webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &rest);
+    for action in ["pause", "resume"] {
+        let (status, body) = d.post(&format!("/v1/webhooks/{W1}/{action}"), "");
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_for("two notifications through", SETTLE, || {
+        rx.hits_on("/each/1/notify").iter().filter(|h| h.answered == 200).count() == 2
+    });
+    let tries: Vec<Value> = rx.hits_on("/each/1/notify").iter().map(|h| h.json()).collect();
+    let seen: Vec<(&str, u16)> = tries
+        .iter()
+        .zip(rx.hits_on("/each/1/notify"))
+        .map(|(t, h)| (t["event_type"].as_str().unwrap(), h.answered))
+        .collect();
+    // The resume's first try does not wait for the pause's retry, a second later.
+    assert_eq!(
+        seen,
+        [
+            ("webhook.paused", 500),
+            ("webhook.resumed", 500),
+            ("webhook.paused", 200),
+            ("webhook.resumed", 200)
+        ]
+    );
+    for (first, retry) in [(&tries[0], &tries[2]), (&tries[1], &tries[3])] {
+        assert_eq!((&first["event_id"], &first["timestamp"]), (&retry["event_id"], &retry["timestamp"]));
+        assert_ne!(first["delivery_id"], retry["delivery_id"]);
+    }
 }
 
 #[test]
