@@ -107,11 +107,11 @@ fn run(rx: Receiver<Notice>) {
             Some(wait) => match rx.recv_timeout(wait) {
                 Ok(notice) => Some(notice),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
             },
             None => match rx.recv() {
                 Ok(notice) => Some(notice),
-                Err(_) => break,
+                Err(_) => return,
             },
         };
         if let Some(notice) = received {
@@ -122,9 +122,6 @@ fn run(rx: Receiver<Notice>) {
             let r = retries.swap_remove(i);
             try_once(r.notice, r.made, &mut retries);
         }
-    }
-    if !retries.is_empty() {
-        tracing::warn!(dropped = retries.len(), "stopping: notifications waiting for a retry are dropped");
     }
 }
 
