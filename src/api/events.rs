@@ -11,10 +11,13 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{delivery_json, enabled, parse_id, ApiError, AppState};
+use super::{cursor, delivery_json, enabled, limit, parse_id, query_id, status, ApiError, AppState};
 use crate::clock;
 use crate::event::{self, EventType, IngestError};
-use crate::store::{DeliveryKey, DeliveryRecord, EventRecord, Ingested, NewEvent, Status, StoreError};
+use crate::store::{
+    seq_time_ms, DeliveryKey, DeliveryRecord, EventFilter, EventPage, EventRecord, Ingested, NewEvent,
+    Status, StoreError,
+};
 
 /// `POST /v1/events`.
 pub async fn ingest(
@@ -82,6 +85,89 @@ async fn find(
         })
         .await?;
     found.ok_or_else(|| ApiError::not_found(format!("no event {id}")))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    event_id: Option<String>,
+    client_id: Option<String>,
+    event_type: Option<String>,
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// Events one page looks at, at most, whatever its filters: so a page
+/// costs about the same however rare its matches are, and a filter that
+/// matches little answers short pages that say how far back they searched.
+/// Measured in BENCHMARKS.md ("The console").
+pub const SCAN: usize = 2_000;
+
+/// `GET /v1/events?event_id=&client_id=&event_type=&status=&limit=&cursor=`:
+/// newest first, each with its deliveries' statuses; `status` keeps events
+/// with some delivery in that status.
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let event_type = q
+        .event_type
+        .as_deref()
+        .map(|t| {
+            EventType::parse(t)
+                .ok_or_else(|| ApiError::invalid("event_type", format!("unknown event type {t:?}")))
+        })
+        .transpose()?;
+    let filter = EventFilter {
+        client_id: query_id(q.client_id.as_deref(), "client_id")?,
+        event_type,
+        status: status(q.status.as_deref())?,
+    };
+    let (limit, before) = (limit(q.limit.as_deref())?, cursor(q.cursor.as_deref())?);
+    let event_id = query_id(q.event_id.as_deref(), "event_id")?;
+    let page = state
+        .store
+        .read(move |store| match event_id {
+            // One event, if it is there and the other filters keep it.
+            Some(id) => {
+                let Some(seq) = store.find_event(&id)? else { return Ok(EventPage::default()) };
+                let page = store.events_before(Some(seq + 1), &filter, 1, 1)?;
+                Ok(EventPage { next: None, ..page })
+            }
+            None => store.events_before(before, &filter, limit, SCAN),
+        })
+        .await?;
+    let events: Vec<Value> = page
+        .events
+        .iter()
+        .map(|(e, deliveries)| {
+            let deliveries: Vec<Value> = deliveries
+                .iter()
+                .map(|(_, d)| {
+                    json!({
+                        "webhook_id": d.webhook_id,
+                        "status": d.status.as_str(),
+                        "attempts": d.attempts.len(),
+                        "next_attempt_at": d.next_attempt_at.map(clock::format_ms),
+                    })
+                })
+                .collect();
+            json!({
+                "event_id": e.event_id,
+                "event_type": e.event_type.as_str(),
+                "client_id": e.client_id,
+                "timestamp": clock::format_ms(e.timestamp_ms),
+                "test": e.test,
+                "deliveries": deliveries,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "events": events,
+        "next_cursor": page.next.map(|c| c.to_string()),
+        "searched_to": page.searched_to.map(|s| clock::format_ms(seq_time_ms(s))),
+    })))
 }
 
 /// `GET /v1/events/{event_id}`.

@@ -44,7 +44,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/events", post(events::ingest))
+        .route("/events", post(events::ingest).get(events::list))
         .route("/events/{event_id}", get(events::show))
         .route("/events/{event_id}/redeliver", post(events::redeliver))
         .route("/webhooks", get(webhooks::list))
@@ -208,6 +208,47 @@ fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The configured webhook with this id, or a 404.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+/// A page's `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] if not given.
+fn limit(given: Option<&str>) -> Result<usize, ApiError> {
+    let Some(l) = given else { return Ok(DEFAULT_PAGE) };
+    l.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| ApiError::invalid("limit", format!("limit must be 1 to {MAX_PAGE}")))
+}
+
+/// A page's `cursor`: a `next_cursor` this API gave out.
+fn cursor(given: Option<&str>) -> Result<Option<u64>, ApiError> {
+    given
+        .map(|c| {
+            c.parse::<u64>().map_err(|_| ApiError::invalid("cursor", "cursor is not one this API gave out"))
+        })
+        .transpose()
+}
+
+/// An id given as query parameter `field` (a malformed one is bad input,
+/// not a missing thing).
+fn query_id(given: Option<&str>, field: &'static str) -> Result<Option<Uuid>, ApiError> {
+    given
+        .map(|s| Uuid::parse_str(s).map_err(|_| ApiError::invalid(field, format!("{s:?} is not a UUID"))))
+        .transpose()
+}
+
+/// A `status` filter: one of the delivery statuses.
+fn status(given: Option<&str>) -> Result<Option<Status>, ApiError> {
+    given
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                let known = Status::ALL.map(Status::as_str).join(", ");
+                ApiError::invalid("status", format!("{s:?} is not one of {known}"))
+            })
+        })
+        .transpose()
+}
+
 fn configured<'a>(config: &'a Config, id: &Uuid) -> Result<&'a Webhook, ApiError> {
     config.webhook(id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))
 }

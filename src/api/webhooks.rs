@@ -10,14 +10,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{attempt_json, configured, enabled, parse_id, ApiError, AppState};
+use super::{attempt_json, configured, cursor, enabled, limit, parse_id, status, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
 use crate::store::{first_seq_at, seq_time_ms, PauseReason, Paused, Status, WebhookStats};
 use crate::{dispatch, notify};
-
-const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 500;
 
 /// The delivery stats of these webhooks, in their order.
 async fn stats_of(state: &AppState, ids: Vec<Uuid>) -> Result<Vec<WebhookStats>, ApiError> {
@@ -129,31 +126,8 @@ pub async fn deliveries(
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
     let id = parse_id(&id, "webhook")?;
-    let status = q
-        .status
-        .as_deref()
-        .map(|s| {
-            Status::parse(s).ok_or_else(|| {
-                let known = Status::ALL.map(Status::as_str).join(", ");
-                ApiError::invalid("status", format!("{s:?} is not one of {known}"))
-            })
-        })
-        .transpose()?;
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", format!("limit must be 1 to {MAX_PAGE}")))?,
-    };
-    let before = q
-        .cursor
-        .as_deref()
-        .map(|c| {
-            c.parse::<u64>().map_err(|_| ApiError::invalid("cursor", "cursor is not one this API gave out"))
-        })
-        .transpose()?;
+    let (status, limit, before) =
+        (status(q.status.as_deref())?, limit(q.limit.as_deref())?, cursor(q.cursor.as_deref())?);
     let (page, events) = state
         .store
         .read(move |store| {

@@ -341,6 +341,70 @@ fn webhook_health_and_the_delivery_log_paginate_newest_first() {
 }
 
 #[test]
+fn events_are_listed_newest_first_with_filters_and_cursors() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/flaky/1/a"), r#"["*"]"#),
+        webhook(W2, CLIENT_B, &rx.url("/ok/b"), r#"["*"]"#),
+    );
+    let d = Daemon::start("", &cfg);
+    // A's first event fails (its only try), the rest succeed.
+    let sends = [
+        ("meeting.scheduled", CLIENT_A),
+        ("meeting.cancelled", CLIENT_B),
+        ("meeting.scheduled", CLIENT_A),
+        ("meeting.cancelled", CLIENT_A),
+    ];
+    let mut ids = Vec::new();
+    for (t, client) in sends {
+        let (_, body) = d.send(t, client, "{}");
+        let id = body["event_id"].as_str().unwrap().to_owned();
+        d.wait_settled(&id, &["succeeded", "failed"], SETTLE);
+        ids.push(id);
+    }
+    let listed = |q: &str| -> (Vec<String>, Value) {
+        let (status, page) = d.get(&format!("/v1/events?{q}"));
+        assert_eq!(status, 200, "{q}: {page}");
+        let ids =
+            page["events"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned());
+        (ids.collect(), page)
+    };
+    let (first, page) = listed("limit=3");
+    assert_eq!(first, [&*ids[3], &ids[2], &ids[1]]);
+    let row = &page["events"][0];
+    assert_eq!(
+        (row["event_type"].as_str(), row["client_id"].as_str()),
+        (Some("meeting.cancelled"), Some(CLIENT_A))
+    );
+    assert_eq!(
+        (row["deliveries"][0]["webhook_id"].as_str(), row["deliveries"][0]["status"].as_str()),
+        (Some(W1), Some("succeeded"))
+    );
+    let (rest, page) = listed(&format!("limit=3&cursor={}", page["next_cursor"].as_str().unwrap()));
+    assert_eq!((rest, &page["next_cursor"]), (vec![ids[0].clone()], &Value::Null));
+    assert_eq!(listed(&format!("client_id={CLIENT_B}")).0, [&*ids[1]]);
+    assert_eq!(listed("event_type=meeting.scheduled").0, [&*ids[2], &ids[0]]);
+    assert_eq!(listed("status=failed").0, [&*ids[0]]);
+    assert_eq!(listed(&format!("event_id={}", ids[2])).0, [&*ids[2]]);
+    assert!(listed(&format!("event_id={}&client_id={CLIENT_B}", ids[2])).0.is_empty());
+    assert!(listed("event_id=99999999-9999-4999-8999-999999999999").0.is_empty());
+    // Bad input is named, and changes nothing.
+    for (q, field) in [
+        ("status=lost", "status"),
+        ("event_type=meeting.lost", "event_type"),
+        ("client_id=acme", "client_id"),
+        ("event_id=x", "event_id"),
+        ("cursor=abc", "cursor"),
+        ("limit=0", "limit"),
+    ] {
+        let (status, body) = d.get(&format!("/v1/events?{q}"));
+        assert_eq!(status, 422, "{q}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().starts_with(&format!("{field}: ")), "{q}: {body}");
+    }
+}
+
+#[test]
 fn redeliver_and_recover_resend_with_fresh_delivery_ids() {
     let rx = Receiver::start();
     let cfg = format!(

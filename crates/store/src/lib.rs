@@ -331,6 +331,34 @@ pub struct Page {
     pub next: Option<u64>,
 }
 
+/// What an operator looks for among events; `None` matches anything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventFilter {
+    pub client_id: Option<Uuid>,
+    pub event_type: Option<event::EventType>,
+    /// Some delivery of the event has this status.
+    pub status: Option<Status>,
+}
+
+impl EventFilter {
+    fn wants_event(&self, e: &EventRecord) -> bool {
+        self.client_id.is_none_or(|c| c == e.client_id) && self.event_type.is_none_or(|t| t == e.event_type)
+    }
+}
+
+/// One page of events with their deliveries (in webhook-id order), newest
+/// first.
+#[derive(Default)]
+pub struct EventPage {
+    pub events: Vec<(EventRecord, Vec<(DeliveryKey, DeliveryRecord)>)>,
+    /// Where to go on from (pass as `before`); `None` once the oldest event
+    /// was looked at.
+    pub next: Option<u64>,
+    /// The oldest event this page looked at: with a rare filter the page
+    /// may be short, and says how far back it searched.
+    pub searched_to: Option<u64>,
+}
+
 impl Store {
     /// Opens (or creates) the database under `path` and starts the committer.
     /// Damage found on the way (sled's or a record's) refuses the start in
@@ -681,8 +709,16 @@ impl Reader {
     /// Every delivery of one event, in webhook-id order.
     pub fn deliveries(&self, seq: u64) -> Result<Vec<(DeliveryKey, DeliveryRecord)>, StoreError> {
         let Some(event) = self.event(seq)? else { return Ok(Vec::new()) };
+        self.deliveries_of(seq, &event)
+    }
+
+    fn deliveries_of(
+        &self,
+        seq: u64,
+        event: &EventRecord,
+    ) -> Result<Vec<(DeliveryKey, DeliveryRecord)>, StoreError> {
         let mut out = Vec::with_capacity(event.webhooks.len());
-        for webhook in event.webhooks {
+        for &webhook in &event.webhooks {
             let key = DeliveryKey { seq, webhook };
             if let Some(d) = self.delivery(key)? {
                 out.push((key, d));
@@ -718,6 +754,39 @@ impl Reader {
             }
         }
         Ok(Page { deliveries, next: None })
+    }
+
+    /// Events stored before sequence `before` (all, if `None`), newest
+    /// first: up to `limit` that `filter` wants, looking at no more than
+    /// `scan` events, so that a page costs the same however rare its
+    /// filter's matches are (a short page says where to go on from).
+    pub fn events_before(
+        &self,
+        before: Option<u64>,
+        filter: &EventFilter,
+        limit: usize,
+        scan: usize,
+    ) -> Result<EventPage, StoreError> {
+        let range = keys::event(0)..keys::event(before.unwrap_or(u64::MAX));
+        let mut page = EventPage { events: Vec::new(), next: None, searched_to: None };
+        for (looked, kv) in self.db.range(range).rev().enumerate() {
+            let (k, v) = kv?;
+            let seq = keys::u64_at(&k, 1);
+            if page.events.len() == limit || looked == scan {
+                page.next = page.searched_to;
+                break;
+            }
+            page.searched_to = Some(seq);
+            let event: EventRecord = codec::decode(&k, &v)?;
+            if !filter.wants_event(&event) {
+                continue;
+            }
+            let deliveries = self.deliveries_of(seq, &event)?;
+            if filter.status.is_none_or(|s| deliveries.iter().any(|(_, d)| d.status == s)) {
+                page.events.push((event, deliveries));
+            }
+        }
+        Ok(page)
     }
 
     /// Keys of a webhook's deliveries of events stored at or after `since_seq`.
@@ -925,6 +994,51 @@ mod tests {
     /// Records an outcome without an attempt to show for it.
     async fn record_status(store: &Store, key: DeliveryKey, status: Status, next_attempt_at: Option<i64>) {
         record_outcome(store, Outcome { key, attempt: None, status, next_attempt_at, pause: None }).await;
+    }
+
+    #[tokio::test]
+    async fn events_are_listed_newest_first_filtered_and_each_page_looks_at_a_bounded_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &OPTIONS).unwrap();
+        let (w, other) = (Uuid::from_bytes([7; 16]), Uuid::from_bytes([8; 16]));
+        // Events 1..=9; every third is client 8's; event 5's delivery failed.
+        let mut keys = Vec::new();
+        for id in 1..=9u8 {
+            let mut e = new(id, "{}", &[w]);
+            if id % 3 == 0 {
+                e.record.client_id = other;
+            }
+            let Ingested::Accepted { due, .. } = store.ingest(e).await.unwrap() else { panic!("accepted") };
+            keys.push(due[0].key);
+        }
+        record_status(&store, keys[4], Status::Failed, None).await;
+        let r = reads(&store);
+        let ids =
+            |page: &EventPage| page.events.iter().map(|(e, _)| e.event_id.as_bytes()[0]).collect::<Vec<_>>();
+        let all = EventFilter::default();
+        let first = r.events_before(None, &all, 4, 100).unwrap();
+        assert_eq!(ids(&first), [9, 8, 7, 6]);
+        assert_eq!(first.events[0].1.len(), 1, "with its deliveries");
+        let second = r.events_before(first.next, &all, 4, 100).unwrap();
+        assert_eq!(ids(&second), [5, 4, 3, 2]);
+        let last = r.events_before(second.next, &all, 4, 100).unwrap();
+        assert_eq!((ids(&last), last.next), (vec![1], None));
+        // A filter looks at no more than `scan` events per page, and says
+        // how far back it got.
+        let theirs = EventFilter { client_id: Some(other), ..EventFilter::default() };
+        let page = r.events_before(None, &theirs, 10, 4).unwrap();
+        assert_eq!(
+            (ids(&page), page.next, page.searched_to),
+            (vec![9, 6], Some(keys[5].seq), Some(keys[5].seq))
+        );
+        let page = r.events_before(page.next, &theirs, 10, 4).unwrap();
+        assert_eq!((ids(&page), page.next), (vec![3], Some(keys[1].seq)));
+        let page = r.events_before(page.next, &theirs, 10, 4).unwrap();
+        assert_eq!((ids(&page), page.next, page.searched_to), (vec![], None, Some(keys[0].seq)));
+        let failed = EventFilter { status: Some(Status::Failed), ..EventFilter::default() };
+        assert_eq!(ids(&r.events_before(None, &failed, 10, 100).unwrap()), [5]);
+        let typed = EventFilter { event_type: Some(EventType::MeetingCancelled), ..EventFilter::default() };
+        assert_eq!(ids(&r.events_before(None, &typed, 10, 100).unwrap()), Vec::<u8>::new());
     }
 
     #[test]
