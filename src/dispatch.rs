@@ -695,8 +695,12 @@ impl Worker {
         // (and is not handed out again) until then.
         let done = self.done.clone();
         let (store, shared, notifier) = (self.store.clone(), self.config.clone(), self.notifier.clone());
+        let metrics = self.metrics.clone();
         let outcome = Outcome { key, attempt, status, next_attempt_at, pause };
         self.store.record_then(outcome, move |written| {
+            if written.is_ok() {
+                metrics.settled(status);
+            }
             let _ = done.send(match written {
                 Ok(Some(paused)) => {
                     tracing::warn!(webhook_id = %key.webhook, reason = paused.reason.as_str(), "webhook paused: its deliveries are held until it is resumed");

@@ -22,7 +22,7 @@ mod retention;
 mod server;
 mod tcp;
 
-use nexor_webhookd_core::{clock, event, lanes, schedule, sign, target};
+use nexor_webhookd_core::{clock, event, lanes, recent, schedule, sign, target};
 use nexor_webhookd_store as store;
 
 use std::io::{IsTerminal, Read};

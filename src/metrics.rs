@@ -7,7 +7,8 @@
 //! on every scrape from the configured webhooks, which bounds cardinality.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +19,8 @@ use prometheus_client::registry::Registry;
 use uuid::Uuid;
 
 use crate::event::EventType;
+use crate::recent::{Minute, Recent, Seen, MINUTES};
+use crate::store::Status;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
@@ -74,6 +77,9 @@ struct Inner {
     webhooks: Family<StateLabel, Gauge>,
     undecodable: Counter,
     reloads_refused: Counter,
+    /// The console's last hour, in minutes since `started`.
+    recent: Mutex<Recent>,
+    started: Instant,
 }
 
 impl Metrics {
@@ -94,6 +100,8 @@ impl Metrics {
             webhooks: Family::default(),
             undecodable: Counter::default(),
             reloads_refused: Counter::default(),
+            recent: Mutex::default(),
+            started: Instant::now(),
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events stored and acknowledged, by type", inner.events.clone());
@@ -150,6 +158,34 @@ impl Metrics {
 
     pub fn event_accepted(&self, t: EventType) {
         self.inner.events.get_or_create(&TypeLabel { event_type: t.as_str() }).inc();
+        self.count(Seen::Accepted);
+    }
+
+    /// A delivery's outcome is stored with this status: counted in the
+    /// last hour if it is final.
+    pub fn settled(&self, status: Status) {
+        match status {
+            Status::Succeeded => self.count(Seen::Delivered),
+            Status::Failed => self.count(Seen::Failed),
+            _ => {}
+        }
+    }
+
+    fn minute(&self) -> u64 {
+        self.inner.started.elapsed().as_secs() / 60
+    }
+
+    fn count(&self, seen: Seen) {
+        let minute = self.minute();
+        self.inner.recent.lock().expect("recent lock").add(minute, seen);
+    }
+
+    /// The last hour, oldest minute first, and how long ago (in
+    /// milliseconds) the current minute began.
+    pub fn last_hour(&self) -> ([Minute; MINUTES], u64) {
+        let elapsed = self.inner.started.elapsed();
+        let into = elapsed.as_millis() as u64 % 60_000;
+        (self.inner.recent.lock().expect("recent lock").hour(elapsed.as_secs() / 60), into)
     }
 
     pub fn attempt(&self, outcome: &'static str, seconds: f64) {

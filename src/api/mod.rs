@@ -11,6 +11,7 @@
 //! per-webhook ones, [`storage`] the backup.
 
 mod events;
+mod overview;
 mod storage;
 mod webhooks;
 
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/resume", post(webhooks::resume))
         .route("/webhooks/{id}/test", post(events::test_send))
         .route("/storage/backup", post(storage::backup))
+        .route("/overview", get(overview::overview))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     // The body limit is fixed at start; a reload that changes it says so.
     let max_body = state.config.get().server.max_body;
@@ -207,7 +209,6 @@ fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no {what} {text:?}")))
 }
 
-/// The configured webhook with this id, or a 404.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
@@ -249,6 +250,7 @@ fn status(given: Option<&str>) -> Result<Option<Status>, ApiError> {
         .transpose()
 }
 
+/// The configured webhook with this id, or a 404.
 fn configured<'a>(config: &'a Config, id: &Uuid) -> Result<&'a Webhook, ApiError> {
     config.webhook(id).ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))
 }

@@ -405,6 +405,45 @@ fn events_are_listed_newest_first_with_filters_and_cursors() {
 }
 
 #[test]
+fn the_overview_counts_the_last_hour_and_shows_what_is_due_and_paused() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
+        webhook(W1, CLIENT_A, &rx.url("/flaky/1/a"), r#"["*"]"#),
+        webhook(W2, CLIENT_B, &rx.url("/ok/b"), r#"["*"]"#),
+    );
+    let d = Daemon::start("", &cfg);
+    let (status, empty) = d.get("/v1/overview");
+    assert_eq!(status, 200, "{empty}");
+    assert_eq!(empty["last_hour"]["success_rate"], Value::Null);
+    for client in [CLIENT_A, CLIENT_A, CLIENT_B] {
+        let (_, body) = d.send("meeting.scheduled", client, "{}");
+        d.wait_settled(body["event_id"].as_str().unwrap(), &["succeeded", "failed"], SETTLE);
+    }
+    let (status, _) = d.post(&format!("/v1/webhooks/{W2}/pause"), "");
+    assert_eq!(status, 200);
+    // A's first delivery failed for good; the other two were delivered.
+    let (_, o) = d.get("/v1/overview");
+    let hour = &o["last_hour"];
+    assert_eq!(
+        (hour["accepted"].as_u64(), hour["delivered"].as_u64(), hour["failed"].as_u64()),
+        (Some(3), Some(2), Some(1)),
+        "{o}"
+    );
+    assert!((hour["success_rate"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9, "{o}");
+    let minutes = o["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 60);
+    let accepted: u64 = minutes.iter().map(|m| m["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, 3, "the minutes add up to the hour");
+    assert!(minutes[59]["start"].as_str().unwrap() > minutes[0]["start"].as_str().unwrap());
+    assert_eq!(
+        (o["deliveries_due"].as_u64(), o["webhooks"].as_u64(), o["paused_webhooks"].as_u64()),
+        (Some(0), Some(2), Some(1)),
+        "{o}"
+    );
+}
+
+#[test]
 fn redeliver_and_recover_resend_with_fresh_delivery_ids() {
     let rx = Receiver::start();
     let cfg = format!(

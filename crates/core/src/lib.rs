@@ -14,6 +14,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod lanes;
+pub mod recent;
 pub mod schedule;
 pub mod sign;
 pub mod target;
