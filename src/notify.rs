@@ -192,3 +192,46 @@ fn deliver(notice: &Notice) -> Option<String> {
     }
     Some(answer.error.unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notice for an endpoint that refuses connections at once.
+    fn refused() -> Notice {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = r#"
+[delivery]
+allow_private_targets = true
+
+[notify]
+url = "http://127.0.0.1:1/refused"
+secret = "whsec_n"
+
+[[webhooks]]
+id = "0b7d9c3a-4a57-4d2e-9a51-5f0b6f2a8c01"
+client_id = "6f1c1a3e-2b6e-4c1e-9d55-0c8a3f7e9b10"
+url = "http://127.0.0.1:1/hook"
+secret = "whsec_x"
+events = ["meeting.scheduled"]
+"#;
+        std::fs::write(&path, text).unwrap();
+        let config = Arc::new(config::load(&path).unwrap());
+        let webhook = config.webhooks()[0].id;
+        Notice { config, webhook, change: Change::Resumed, event_id: Uuid::new_v4(), at_ms: 0 }
+    }
+
+    #[test]
+    fn a_failed_try_is_retried_later_until_the_fourth() {
+        let mut retries = Vec::new();
+        let before = Instant::now();
+        try_once(refused(), 0, &mut retries);
+        assert_eq!(retries.len(), 1);
+        let r = retries.pop().unwrap();
+        assert_eq!(r.made, 1);
+        assert!(r.at >= before + RETRY_AFTER[0], "the second try waits a second");
+        try_once(r.notice, RETRY_AFTER.len(), &mut retries);
+        assert!(retries.is_empty(), "no fifth try");
+    }
+}
