@@ -21,6 +21,7 @@ mod reload;
 mod retention;
 mod server;
 mod tcp;
+mod ui;
 
 use nexor_webhookd_core::{clock, event, lanes, recent, schedule, sign, target};
 use nexor_webhookd_store as store;

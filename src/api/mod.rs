@@ -58,13 +58,19 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/test", post(events::test_send))
         .route("/storage/backup", post(storage::backup))
         .route("/overview", get(overview::overview))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Answers carry event data: no cache may keep them.
+        .layer(middleware::map_response(|mut r: Response| async {
+            crate::ui::no_store(r.headers_mut());
+            r
+        }));
     // The body limit is fixed at start; a reload that changes it says so.
     let max_body = state.config.get().server.max_body;
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::router())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
