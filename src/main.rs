@@ -409,19 +409,22 @@ fn read_body(source: &str) -> std::io::Result<Vec<u8>> {
 /// `RUST_LOG` when set, else the config's `log_level`; plain text without
 /// colours unless stderr is a terminal (journald stores it as is).
 fn init_logging(level: &str) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // Whatever the level, the HTTP client logs nothing below info: at debug
-    // it prints request headers such as User-Agent and Accept in clear,
-    // and a webhook's own header values are secrets like its signing key.
-    for quiet in ["ureq=info", "ureq_proto=info"] {
-        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Whatever the filter says (a directive for one of its modules would
+    // beat a directive for the crate), the HTTP client's lines below info
+    // are dropped: they print request headers such as User-Agent and Accept
+    // in clear, or the whole request in hex, and a webhook's own header
+    // values are secrets like its signing key.
+    let quiet_client = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::INFO || !meta.target().starts_with("ureq")
+    });
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_filter(quiet_client);
+    tracing_subscriber::registry().with(filter).with(output).init();
 }
 
 fn run(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {

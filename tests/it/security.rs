@@ -160,7 +160,7 @@ fn secrets_never_appear_in_logs_api_or_metrics() {
     let mut d = Daemon::configured(None, "api_token = \"token-secret-0d2e\"", &cfg);
     d.env.push(("NEXOR_TEST_ENV_SECRET".into(), "env-secret-77c1".into()));
     // Everything logged, the HTTP client's own request logs too.
-    d.env.push(("RUST_LOG".into(), "trace,ureq=trace,ureq_proto=trace".into()));
+    d.env.push(("RUST_LOG".into(), "trace,ureq=trace,ureq::run=trace,ureq_proto::util=trace".into()));
     d.start_again();
     let token = Some("token-secret-0d2e");
     let (status, body) = d.request(
