@@ -53,8 +53,9 @@ async fn store_event(state: &AppState, event: NewEvent) -> Result<Response, ApiE
         let _ = tx.send(r);
     });
     match rx.await.map_err(|_| StoreError::Closed)?? {
-        Ingested::Accepted { event, due } => {
-            let (event_id, deliveries) = (event.event_id, due.len());
+        Ingested::Accepted { event, .. } => {
+            // Held ones (a paused webhook's) too.
+            let (event_id, deliveries) = (event.event_id, event.webhooks.len());
             state.metrics.event_accepted(event_type);
             Ok((StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "deliveries": deliveries })))
                 .into_response())

@@ -361,22 +361,29 @@ fn a_resumed_rate_limited_webhook_sends_its_held_deliveries_oldest_first() {
         )
     );
     let d = Daemon::start("", &rest);
-    let events: Vec<String> = (0..6).map(|n| send(&d, n)).collect();
+    let mut events: Vec<String> = (0..6).map(|n| send(&d, n)).collect();
     // One a second: pause once two are in, while the rest wait for tokens.
     wait_for("two attempts", SETTLE, || rx.hits_on("/ok/limited").len() == 2);
     let (status, body) = d.post(&format!("/v1/webhooks/{W1}/pause"), "");
     assert_eq!(status, 200, "{body}");
+    // Events sent while it is paused make deliveries held from the start:
+    // none is due, so none spends a token or goes ahead of older ones.
+    for n in 6..9 {
+        let event = send(&d, n);
+        assert_eq!(delivery_status(&d, &event), "held");
+        events.push(event);
+    }
     // The next token comes while the webhook is paused: entries the queue
     // still had must not spend it and then jump the line at the resume.
     // Time itself is what is waited for here (with the bug, a stale entry
     // logs that it was held; without it nothing shows).
     std::thread::sleep(Duration::from_millis(1200));
     let (status, body) = d.post(&format!("/v1/webhooks/{W1}/resume"), "");
-    assert_eq!((status, body["released"].as_u64()), (200, Some(4)), "{body}");
+    assert_eq!((status, body["released"].as_u64()), (200, Some(7)), "{body}");
     for e in &events {
         d.wait_settled(e, &["succeeded"], SETTLE);
     }
     let order: Vec<u64> =
         rx.hits_on("/ok/limited").iter().map(|h| h.json()["data"]["n"].as_u64().unwrap()).collect();
-    assert_eq!(order, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(order, [0, 1, 2, 3, 4, 5, 6, 7, 8]);
 }

@@ -530,17 +530,25 @@ impl Committer {
         let mut due = Vec::with_capacity(record.webhooks.len());
         for &webhook in &record.webhooks {
             let key = DeliveryKey { seq, webhook };
+            // A paused webhook's new delivery is held at once: never due,
+            // it spends none of the webhook's rate and waits with the
+            // others for the resume, which sends them oldest first.
+            let held = self.paused.get(&webhook).is_some();
+            let (status, next_attempt_at) =
+                if held { (Status::Held, None) } else { (Status::Pending, Some(now)) };
             let record = DeliveryRecord {
                 webhook_id: webhook,
-                status: Status::Pending,
-                next_attempt_at: Some(now),
+                status,
+                next_attempt_at,
                 attempts: Vec::new(),
                 round_start: 0,
             };
             p.insert(&keys::delivery(key), codec::encode(&record));
-            p.unindexed.stored(key);
-            due.push(Due { at_ms: now.max(0) as u64, key });
-            self.update_stats(p, &webhook, |s| s.moved(None, Some(Status::Pending)))?;
+            if !held {
+                p.unindexed.stored(key);
+                due.push(Due { at_ms: now.max(0) as u64, key });
+            }
+            self.update_stats(p, &webhook, |s| s.moved(None, Some(status)))?;
         }
         Ok(Ingested::Accepted { event: Arc::new(record), due })
     }

@@ -273,7 +273,8 @@ pub struct NewEvent {
 
 #[derive(Debug)]
 pub enum Ingested {
-    /// Stored now (with its final event_id); these deliveries are due.
+    /// Stored now (with its final event_id); these of its deliveries are
+    /// due (a paused webhook's are held instead).
     Accepted { event: Arc<EventRecord>, due: Vec<Due> },
     /// The same event_id with the same content was stored before.
     Duplicate,
