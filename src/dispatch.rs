@@ -72,9 +72,24 @@ enum Msg {
 #[derive(Clone)]
 pub struct Dispatcher {
     tx: mpsc::UnboundedSender<Msg>,
+    changes: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Proof that the caller holds the one lock under which webhooks are
+/// paused, resumed, stopped or brought back together with the holding or
+/// releasing of their deliveries. Without it a hold could land after the
+/// resume that should have followed it, leaving an active webhook's
+/// deliveries held for good (both take several store requests).
+pub struct Changing<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl Dispatcher {
+    /// Waits for the turn to change webhooks' states; see [`Changing`].
+    pub async fn changing(&self) -> Changing<'_> {
+        Changing { _held: self.changes.lock().await }
+    }
+
     /// Queues those of `keys` whose status is in `from` for an attempt now,
     /// a thousand per store request (one request for a big backlog's keys
     /// would make one huge batch), and schedules them; returns how many.
@@ -96,12 +111,37 @@ impl Dispatcher {
     /// Holds every delivery waiting for one of `webhooks`: those in the due
     /// index, and those never attempted, which the committer knows. Then
     /// the engine forgets what it kept for them.
-    pub async fn hold_waiting(&self, store: &Store, webhooks: &HashSet<Uuid>) -> Result<usize, StoreError> {
+    pub async fn hold_waiting(
+        &self,
+        _turn: &Changing<'_>,
+        store: &Store,
+        webhooks: &HashSet<Uuid>,
+    ) -> Result<usize, StoreError> {
         let wanted = webhooks.clone();
         let keys = store.read(move |r| r.waiting_deliveries(|w| wanted.contains(w))).await?;
         let held = store.hold(keys, webhooks.iter().copied().collect()).await?;
         self.send(Msg::Forget(webhooks.clone()));
         Ok(held)
+    }
+
+    /// Makes a webhook's held deliveries due now, oldest first. Held ones
+    /// have no due entry: they are found among the webhook's deliveries,
+    /// which only a webhook that has some held needs to go through.
+    pub async fn release_held(
+        &self,
+        _turn: &Changing<'_>,
+        store: &Store,
+        webhook: Uuid,
+    ) -> Result<usize, StoreError> {
+        let keys = store
+            .read(move |r| {
+                if r.webhook_stats(&webhook)?.count(Status::Held) == 0 {
+                    return Ok(Vec::new());
+                }
+                r.webhook_delivery_keys_since(webhook, 0)
+            })
+            .await?;
+        self.requeue(store, &keys, &[Status::Held]).await
     }
 
     /// `due` was just stored; attempt it when its time comes.
@@ -187,8 +227,9 @@ pub fn start(
         })
         .collect();
     let per_webhook = config.get().delivery.per_webhook_in_flight;
-    let task = tokio::spawn(run(store, config, (tx.clone(), rx), jobs, max_in_flight, per_webhook, stop));
-    Engine { handle: Dispatcher { tx }, task, workers }
+    let handle = Dispatcher { tx, changes: Arc::default() };
+    let task = tokio::spawn(run(store, config, (handle.clone(), rx), jobs, max_in_flight, per_webhook, stop));
+    Engine { handle, task, workers }
 }
 
 impl Engine {
@@ -210,7 +251,7 @@ impl Engine {
 async fn run(
     store: Store,
     config: config::Shared,
-    (tx, mut rx): (mpsc::UnboundedSender<Msg>, mpsc::UnboundedReceiver<Msg>),
+    (engine, mut rx): (Dispatcher, mpsc::UnboundedReceiver<Msg>),
     jobs: Arc<Jobs>,
     max_in_flight: usize,
     per_webhook: usize,
@@ -223,7 +264,6 @@ async fn run(
     let mut fresh = Fresh::default();
     let mut store_failing_until = 0;
     let mut limits_from: Option<Arc<Config>> = None;
-    let engine = Dispatcher { tx: tx.clone() };
     loop {
         // The webhooks' own limits, from the config in force (a reload
         // swaps it whole).
@@ -271,7 +311,7 @@ async fn run(
             jobs.give((due, fresh.0.remove(&due.key)));
         }
         if store_ok {
-            index(&store, &tx, queue.take_let_go());
+            index(&store, &engine.tx, queue.take_let_go());
         }
         let mut wake = queue.next_wake(store_ok && queue.in_flight() < max_in_flight);
         wake = [wake, lanes.next_wake()].into_iter().flatten().min();
@@ -431,7 +471,12 @@ fn handle(
             // Off this task: it reads the webhook's waiting deliveries.
             let (store, engine) = (store.clone(), engine.clone());
             tokio::spawn(async move {
-                match engine.hold_waiting(&store, &HashSet::from([key.webhook])).await {
+                let turn = engine.changing().await;
+                // Resumed meanwhile: the resume released what was held.
+                if store.paused(&key.webhook).is_none() {
+                    return;
+                }
+                match engine.hold_waiting(&turn, &store, &HashSet::from([key.webhook])).await {
                     Ok(held) => {
                         tracing::info!(webhook_id = %key.webhook, held, "paused webhook's deliveries held")
                     }
@@ -457,9 +502,10 @@ fn handle(
 /// stopped, or a resume cut short by a crash (the pause was lifted, the
 /// deliveries not yet released), would otherwise leave them held for good.
 pub async fn release_at_start(store: Store, engine: Dispatcher, config: Arc<Config>) {
+    let turn = engine.changing().await;
     let active = config.webhooks().iter().filter(|w| w.enabled && store.paused(&w.id).is_none());
     for webhook in active.map(|w| w.id) {
-        match release_held(&store, &engine, webhook).await {
+        match engine.release_held(&turn, &store, webhook).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(webhook_id = %webhook, released = n, "held deliveries of an active webhook due again")
@@ -467,21 +513,6 @@ pub async fn release_at_start(store: Store, engine: Dispatcher, config: Arc<Conf
             Err(e) => tracing::error!(webhook_id = %webhook, error = %e, "cannot release held deliveries"),
         }
     }
-}
-
-/// Makes a webhook's held deliveries due now, oldest first. Held ones have
-/// no due entry: they are found among the webhook's deliveries, which only
-/// a webhook that has some held needs to go through.
-pub async fn release_held(store: &Store, engine: &Dispatcher, webhook: Uuid) -> Result<usize, StoreError> {
-    let keys = store
-        .read(move |r| {
-            if r.webhook_stats(&webhook)?.count(Status::Held) == 0 {
-                return Ok(Vec::new());
-            }
-            r.webhook_delivery_keys_since(webhook, 0)
-        })
-        .await?;
-    engine.requeue(store, &keys, &[Status::Held]).await
 }
 
 /// Has the store index the entries the queue let go; they come back as
@@ -594,7 +625,11 @@ impl Worker {
             }
             (Some(_), Some(p)) => {
                 tracing::info!(webhook_id = %key.webhook, event_id = %event.event_id, reason = p.reason.as_str(), "webhook paused; delivery held until it is resumed");
-                (None, Status::Held, None, None)
+                // Put back as it was: the committer holds it if the webhook
+                // is still paused when this is stored, and if a resume came
+                // in between it is due again now. (Stored as held, it could
+                // land after the resume released the rest, and stay held.)
+                (None, status_before, Some(clock::now_ms()), None)
             }
             (Some(webhook), None) => {
                 let delivery_id = Uuid::new_v4();

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{self, Config};
-use crate::dispatch::{self, Dispatcher};
+use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -77,16 +77,17 @@ impl Reloader {
         let stopped = old.stopped_in(&new);
         let resumed = old.resumed_in(&new);
         let webhooks = new.webhooks().len();
+        let turn = self.dispatcher.changing().await;
         self.config.set(new);
         if !stopped.is_empty() {
-            match self.dispatcher.hold_waiting(&self.store, &stopped).await {
+            match self.dispatcher.hold_waiting(&turn, &self.store, &stopped).await {
                 Ok(n) => tracing::info!(held = n, "reload: deliveries to removed or disabled webhooks held"),
                 Err(e) => tracing::error!(error = %e, "reload: cannot hold deliveries of removed webhooks"),
             }
         }
         // A paused webhook's deliveries stay held until it is resumed.
         for webhook in resumed.into_iter().filter(|w| self.store.paused(w).is_none()) {
-            match dispatch::release_held(&self.store, &self.dispatcher, webhook).await {
+            match self.dispatcher.release_held(&turn, &self.store, webhook).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(webhook_id = %webhook, released = n, "reload: held deliveries due again")

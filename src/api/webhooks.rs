@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::{attempt_json, configured, cursor, enabled, limit, parse_id, status, ApiError, AppState};
 use crate::clock;
 use crate::config::{Events, Webhook};
+use crate::notify;
 use crate::store::{first_seq_at, seq_time_ms, PauseReason, Paused, Status, WebhookStats};
-use crate::{dispatch, notify};
 
 /// The delivery stats of these webhooks, in their order.
 async fn stats_of(state: &AppState, ids: Vec<Uuid>) -> Result<Vec<WebhookStats>, ApiError> {
@@ -60,9 +60,10 @@ pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let config = state.config.get();
     let webhook = configured(&config, &id)?;
     let paused = Paused { reason: PauseReason::Operator, at_ms: clock::now_ms() };
+    let turn = state.dispatcher.changing().await;
     if state.store.pause(id, paused).await?.is_none() {
         state.notifier.send(&state.config, id, notify::Change::Paused(paused));
-        let held = state.dispatcher.hold_waiting(&state.store, &HashSet::from([id])).await?;
+        let held = state.dispatcher.hold_waiting(&turn, &state.store, &HashSet::from([id])).await?;
         tracing::info!(webhook_id = %id, held, "webhook paused by an operator");
     }
     let stats = stats_of(&state, vec![id]).await?;
@@ -74,13 +75,17 @@ pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Res
 /// one's stay held until a reload enables it).
 pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "webhook")?;
+    let turn = state.dispatcher.changing().await;
+    // The config in force once it is this call's turn (a reload may have
+    // disabled the webhook meanwhile).
     let config = state.config.get();
     let webhook = configured(&config, &id)?;
     let was = state.store.resume(id).await?;
     let released = match webhook.enabled {
-        true => dispatch::release_held(&state.store, &state.dispatcher, id).await?,
+        true => state.dispatcher.release_held(&turn, &state.store, id).await?,
         false => 0,
     };
+    drop(turn);
     if let Some(was) = was {
         state.notifier.send(&state.config, id, notify::Change::Resumed);
         tracing::info!(webhook_id = %id, released, paused = was.reason.as_str(), "webhook resumed");

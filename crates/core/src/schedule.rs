@@ -232,14 +232,21 @@ impl Queue {
         if self.ready.len() <= self.capacity {
             return;
         }
+        let mut last = self.cursor;
         while self.ready.len() > self.capacity - self.capacity / 10 {
-            let last = self.ready.pop_last().expect("non-empty");
-            self.cursor = last;
+            last = self.ready.pop_last().expect("non-empty");
             self.leave(last);
         }
-        self.note_beyond(self.cursor.at_ms);
-        let cursor = self.cursor;
-        let mut gone = Vec::new();
+        self.lower_cursor(last);
+    }
+
+    /// Moves the cursor down to `cursor`: what is kept at or above it goes
+    /// back to living only in the store (or is let go), and is read again
+    /// when the window gets there.
+    fn lower_cursor(&mut self, cursor: Due) {
+        self.cursor = cursor;
+        self.note_beyond(cursor.at_ms);
+        let mut gone: Vec<Due> = self.ready.split_off(&cursor).into_iter().collect();
         for h in self.held.values_mut() {
             gone.extend(h.set.split_off(&cursor));
             // Spilled entries at or above the cursor are the window's to read.
@@ -288,15 +295,24 @@ impl Queue {
     /// just held in the store (a pause, a webhook disabled), and entries
     /// kept from before would otherwise spend its tokens on nothing now and
     /// jump ahead of the rest once they are released.
+    /// Whatever the store still has due of them (an outcome stored after
+    /// the hold, say) is read again: the cursor goes back to the earliest.
     pub fn forget_webhook(&mut self, webhook: &Uuid) {
-        let (gone, kept): (BTreeSet<Due>, BTreeSet<Due>) =
+        let (mut gone, kept): (BTreeSet<Due>, BTreeSet<Due>) =
             std::mem::take(&mut self.ready).into_iter().partition(|d| d.key.webhook == *webhook);
         self.ready = kept;
-        let held = self.held.remove(webhook).map(|h| h.set).unwrap_or_default();
-        for d in gone.into_iter().chain(held) {
+        let spilled = self.held.remove(webhook).and_then(|h| {
+            gone.extend(h.set);
+            h.spilled
+        });
+        self.rate_waiting.remove(webhook);
+        let earliest = gone.first().copied().into_iter().chain(spilled).min();
+        if let Some(first) = earliest.filter(|first| *first < self.cursor) {
+            self.lower_cursor(first);
+        }
+        for d in gone {
             self.leave(d);
         }
-        self.rate_waiting.remove(webhook);
     }
 
     fn is_fifo(&self, webhook: &Uuid) -> bool {
@@ -898,20 +914,29 @@ mod tests {
         q.set_limits(HashMap::from([(w(1), Limits { rate: Some(1.0), ..Limits::default() })]));
         // Each webhook has one more entry, due later.
         let later = [due_to(3000, 20, 1), due_to(3000, 21, 2)];
-        let index = Index((0..4).map(|i| due_to(5, i, 1)).chain([due_to(6, 10, 2)]).chain(later).collect());
+        let mut index =
+            Index((0..4).map(|i| due_to(5, i, 1)).chain([due_to(6, 10, 2)]).chain(later).collect());
         index.serve(&mut q, 1000);
         q.insert_unindexed(due_to(7, 4, 1));
         let started: Vec<u64> = std::iter::from_fn(|| q.pop_key(1000)).map(|k| k.seq).collect();
         assert_eq!(started, [0, 10], "one token for webhook 1, the rest held");
         assert_eq!(q.next_wake(true), Some(2000), "webhook 1's next token");
+        // The store holds webhook 1's waiting deliveries; one outcome
+        // stored just after (and heard of) is due again all the same.
+        index.0.retain(|d| d.key.webhook != w(1));
+        index.0.insert(due_to(2500, 30, 1));
+        q.insert(due_to(2500, 30, 1));
         q.forget_webhook(&w(1));
-        assert_eq!(q.next_wake(true), Some(3000), "no token to wait for, only webhook 2's entry");
-        let started: Vec<u64> = std::iter::from_fn(|| q.pop_key(5000)).map(|k| k.seq).collect();
-        assert_eq!(started, [21]);
         // The unindexed entry is let go, for the store to index if it still waits.
         assert_eq!(q.take_let_go(), vec![due_to(7, 4, 1)]);
+        // Read again from the store: webhook 1's stale entries are gone, the
+        // one the store still has is back, and webhook 2 goes on.
+        index.serve(&mut q, 1000);
+        let started: Vec<u64> = std::iter::from_fn(|| q.pop_key(5000)).map(|k| k.seq).collect();
+        assert_eq!(started, [30, 21]);
         // Entries made due again come in behind nothing stale.
         q.finished(DeliveryKey { seq: 0, webhook: w(1) }, None);
+        q.finished(DeliveryKey { seq: 30, webhook: w(1) }, None);
         for seq in 1..4 {
             q.insert(due_to(6000 + seq, seq, 1));
         }

@@ -55,7 +55,9 @@ impl Hit {
 /// of each event_id on that path,
 /// `/hang/…` waits 5 s, `/slow/…` waits 300 ms then 200, `/gate/…` waits
 /// until the gate is open ([`Receiver::set_gate`]) then 200, `/redirect/…` 302
-/// to `/ok/redirected`, `/code/N/…` answers N, `/retry-secs/N/…` 429 with
+/// to `/ok/redirected`, `/code/N/…` answers N, `/once/N/…` answers N to
+/// the first request on that path and 200 after (`/once/N/gate/…` waits for
+/// the gate first), `/retry-secs/N/…` 429 with
 /// `Retry-After: N`, `/retry-date/N/…` 503 with `Retry-After` N seconds
 /// ahead as an HTTP-date.
 #[derive(Clone)]
@@ -138,6 +140,14 @@ async fn answer(State(r): State<Seen>, uri: Uri, headers: HeaderMap, body: Bytes
             (503, Some(("retry-after", retry_date.as_str())))
         }
         Some("fail") => (500, None),
+        Some("once") => {
+            let code = n_arg(&mut parts) as u16;
+            // `/once/N/gate/…` waits at the gate first.
+            if parts.next() == Some("gate") {
+                let _ = r.gate.subscribe().wait_for(|open| *open).await;
+            }
+            (if n == 1 { code } else { 200 }, None)
+        }
         Some("flaky") => {
             let first_failures: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(1);
             (if n <= first_failures { 503 } else { 200 }, None)
