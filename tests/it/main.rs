@@ -7,6 +7,7 @@
 mod common;
 mod lazyfs;
 
+mod console;
 mod crash;
 mod delivery;
 mod disk_full;

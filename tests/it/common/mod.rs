@@ -2,6 +2,8 @@
 //! HTTP receivers on loopback that record every request they get.
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+pub mod browser;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
