@@ -934,6 +934,7 @@ mod tests {
         index.serve(&mut q, 1000);
         let started: Vec<u64> = std::iter::from_fn(|| q.pop_key(5000)).map(|k| k.seq).collect();
         assert_eq!(started, [30, 21]);
+        assert_eq!(q.next_wake(true), None, "nothing else kept, nothing waiting for a token");
         // Entries made due again come in behind nothing stale.
         q.finished(DeliveryKey { seq: 0, webhook: w(1) }, None);
         q.finished(DeliveryKey { seq: 30, webhook: w(1) }, None);
@@ -941,6 +942,21 @@ mod tests {
             q.insert(due_to(6000 + seq, seq, 1));
         }
         assert_eq!(q.pop_key(7000).map(|k| k.seq), Some(1));
+    }
+
+    #[test]
+    fn forgetting_a_webhook_keeps_the_others_entries() {
+        // Webhook 1's entry is the earlier, webhook 2's the later; only
+        // webhook 2's is still in the store after webhook 1's hold.
+        let (stale, other) = (due_to(100, 1, 1), due_to(3000, 2, 2));
+        let mut index = Index([stale, other].into_iter().collect());
+        let mut q = Queue::new(Duration::from_secs(30), 100, 10);
+        index.serve(&mut q, 50);
+        index.0.remove(&stale);
+        q.forget_webhook(&Uuid::from_bytes([1; 16]));
+        index.serve(&mut q, 50);
+        let started: Vec<Due> = std::iter::from_fn(|| q.pop_due(5000)).collect();
+        assert_eq!(started, [other]);
     }
 
     #[test]
