@@ -1078,6 +1078,18 @@ mod tests {
     }
 
     #[test]
+    fn inserts_below_the_cursor_keep_memory_bounded() {
+        let mut q = Queue::new(Duration::from_secs(30), 10, 1000);
+        Index(BTreeSet::new()).serve(&mut q, 0);
+        for i in 0..100 {
+            q.insert(due(5 + i, i));
+            assert!(q.ready() <= 10, "{} ready after {} inserts", q.ready(), i + 1);
+        }
+        // The earliest stayed; the later ones live in the store alone.
+        assert_eq!(q.pop_key(5).map(|k| k.seq), Some(0));
+    }
+
+    #[test]
     fn inserts_above_the_cursor_wait_in_the_store() {
         let mut q = Queue::new(Duration::from_secs(30), 4, 1000);
         Index(BTreeSet::new()).serve(&mut q, 0);
