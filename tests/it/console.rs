@@ -143,6 +143,13 @@ fn an_operator_signs_in_tests_redelivers_pauses_and_resumes_from_the_browser() {
         find(c, "#events").await;
         screenshot(c, "events").await;
 
+        // Recover asks for a webhook's failed deliveries since a time (W2's
+        // one failure was redelivered and succeeded: none is left).
+        c.goto(&format!("{ui}#/recover")).await.unwrap();
+        find(c, &format!("#recover option[value='{W2}']")).await.click().await.unwrap();
+        click(c, "#recover button[type=submit]").await;
+        text_until(c, "#notice", |t| t.starts_with("0 failed deliveries since ")).await;
+
         // Signing out forgets the token: nothing shown, nothing changed.
         click(c, "#signout").await;
         find(c, "#login:not([hidden])").await;
