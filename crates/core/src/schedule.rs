@@ -1090,6 +1090,30 @@ mod tests {
     }
 
     #[test]
+    fn a_trim_keeps_what_a_busy_webhook_holds_below_the_new_cursor() {
+        // Webhook 1 may have one attempt in flight: of its three entries,
+        // one goes, two are held. Then webhook 2's retries crowd memory.
+        let mut q = Queue::new(Duration::from_secs(30), 10, 1);
+        Index(BTreeSet::new()).serve(&mut q, 0);
+        for i in 0..3 {
+            q.insert(due_to(5, i, 1));
+        }
+        let first = q.pop_key(5).unwrap();
+        assert_eq!(q.pop_key(5), None, "two held");
+        for i in 0..20 {
+            q.insert(due_to(100 + i, 100 + i, 2));
+        }
+        q.finished(first, None);
+        let rest: Vec<u64> = std::iter::from_fn(|| {
+            let k = q.pop_key(5)?;
+            q.finished(k, None);
+            Some(k.seq)
+        })
+        .collect();
+        assert_eq!(rest, [1, 2], "the held entries outlive the trim");
+    }
+
+    #[test]
     fn inserts_above_the_cursor_wait_in_the_store() {
         let mut q = Queue::new(Duration::from_secs(30), 4, 1000);
         Index(BTreeSet::new()).serve(&mut q, 0);
