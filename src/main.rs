@@ -417,14 +417,16 @@ fn init_logging(level: &str) {
     // are dropped: they print request headers such as User-Agent and Accept
     // in clear, or the whole request in hex, and a webhook's own header
     // values are secrets like its signing key.
-    let quiet_client = tracing_subscriber::filter::filter_fn(|meta| {
-        *meta.level() <= tracing::Level::INFO || !meta.target().starts_with("ureq")
-    });
-    let output = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(quiet_client);
-    tracing_subscriber::registry().with(filter).with(output).init();
+    // A second global filter of static targets, so each callsite's
+    // interest is still decided once, not on every event.
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let quiet_client = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("ureq", LevelFilter::INFO)
+        .with_target("ureq_proto", LevelFilter::INFO);
+    let output =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(filter).with(quiet_client).with(output).init();
 }
 
 fn run(config_path: &Path, config: config::Config, accept_data_loss: bool) -> anyhow::Result<()> {
