@@ -274,6 +274,8 @@ fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
         r.warn(format!("{} deliveries arrived after the restart, before any recover call", early.arrivals()));
     }
 
+    console_reads(&d.base, r, "console_")?;
+
     b.receiver.bring_up();
     let url = format!("{}/v1/webhooks/{}/recover?since={since}", d.base, hooks[0].id);
     eprintln!("receiver up; recovering the failed deliveries");
@@ -292,6 +294,12 @@ fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
         .find_map(|l| l.strip_prefix("nexor_webhookd_deliveries_due "))
         .and_then(|v| v.trim().parse().ok())
         .context("no nexor_webhookd_deliveries_due in /metrics")?;
+    // The console's first page while every recovered delivery is due.
+    let (median, slowest) = timed_gets(&format!("{}/v1/overview", d.base))?;
+    r.set("console_overview_while_due_ms", round(slowest, 1));
+    r.say(format!(
+        "console: /v1/overview with the backlog due: median {median:.1} ms, slowest {slowest:.1} ms"
+    ));
     r.set("metrics_scrape_ms", round(scrape_ms, 1));
     r.set("metrics_due", due);
     r.say(format!("metrics: /metrics answered in {scrape_ms:.0} ms with {due} deliveries due"));
@@ -322,6 +330,44 @@ fn backlog(b: &Bench, r: &mut Report) -> Result<()> {
         r.warn(format!("drain: {} recovered deliveries never arrived", run.refused.saturating_sub(drained)));
     }
     finish(&mut d, r, "restarted_", run.acked)
+}
+
+/// What each console page reads, asked five times each on the stored
+/// backlog: the median and the slowest answer, in ms.
+fn console_reads(base: &str, r: &mut Report, prefix: &str) -> Result<()> {
+    let first: Value = serde_json::from_str(&get_text(&format!("{base}/v1/events?limit=1"))?)?;
+    let event = first["events"][0]["event_id"].as_str().context("no event listed")?.to_owned();
+    // A client no event belongs to: the events page's worst case, a filter
+    // that matches nothing.
+    let nobody = "00000000-0000-4000-8000-000000000000";
+    let reads = [
+        ("overview", "/v1/overview".to_owned()),
+        ("webhooks", "/v1/webhooks".to_owned()),
+        ("events", "/v1/events".to_owned()),
+        ("events_failed", "/v1/events?status=failed".to_owned()),
+        ("events_no_match", format!("/v1/events?client_id={nobody}")),
+        ("events_by_id", format!("/v1/events?event_id={event}")),
+        ("event", format!("/v1/events/{event}")),
+        ("page", "/ui/app.js".to_owned()),
+    ];
+    for (name, path) in reads {
+        let (median, slowest) = timed_gets(&format!("{base}{path}"))?;
+        r.set(&format!("{prefix}{name}_ms"), round(slowest, 1));
+        r.say(format!("console: {path}: median {median:.1} ms, slowest {slowest:.1} ms"));
+    }
+    Ok(())
+}
+
+/// GETs `url` five times; the median and the slowest, in ms.
+fn timed_gets(url: &str) -> Result<(f64, f64)> {
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let start = now_ns();
+        get_text(url)?;
+        took.push((now_ns() - start) as f64 / 1e6);
+    }
+    took.sort_by(f64::total_cmp);
+    Ok((took[2], took[4]))
 }
 
 fn isolation(b: &Bench, r: &mut Report) -> Result<()> {
