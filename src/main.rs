@@ -424,8 +424,9 @@ fn init_logging(level: &str) {
         .with_default(LevelFilter::TRACE)
         .with_target("ureq", LevelFilter::INFO)
         .with_target("ureq_proto", LevelFilter::INFO);
-    let output =
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let output = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     tracing_subscriber::registry().with(filter).with(quiet_client).with(output).init();
 }
 
