@@ -151,19 +151,56 @@ impl From<BytesRejection> for ApiError {
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.get().server.api_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
-                .into_response();
+    let Some(token) = &state.config.get().server.api_token else {
+        if let Err(refused) = from_this_machine(req.headers()) {
+            return refused.into_response();
         }
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+            .into_response();
     }
     next.run(req).await
+}
+
+/// Without a token (loopback only) the API answers whoever can reach it:
+/// this machine. A web page open in a browser here can reach it too, so a
+/// request the browser marks as another site's (an `Origin` that is not
+/// this daemon's, `Sec-Fetch-Site` other than `same-origin` or `none`) is
+/// refused, and so is one for a host name that is not loopback (DNS
+/// rebinding points a site's own name at 127.0.0.1). Clients that are not
+/// browsers send neither header.
+fn from_this_machine(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let refuse = |why: String| Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
+    let text = |name| headers.get(name).map(|v: &header::HeaderValue| v.to_str().unwrap_or("\u{fffd}"));
+    let Some(host) = text(header::HOST) else { return Ok(()) };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return refuse(format!(
+            "without api_token the API answers only requests for a loopback host (127.0.0.1, [::1], localhost), not {host:?}"
+        ));
+    }
+    if let Some(origin) = text(header::ORIGIN).filter(|o| *o != format!("http://{host}")) {
+        return refuse(format!("a request from the web page of {origin:?} is refused (set api_token to use the API from other origins)"));
+    }
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site"))
+        .filter(|s| !matches!(*s, "same-origin" | "none"))
+    {
+        return refuse(format!("a {site} request from a web page is refused"));
+    }
+    Ok(())
 }
 
 /// `GET /healthz`: the process answers HTTP. It takes no state and must

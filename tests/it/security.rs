@@ -404,3 +404,44 @@ fn accept_errors_back_off_and_are_logged_once_per_interval() {
         "a new client once descriptors are free again"
     );
 }
+
+#[test]
+fn without_a_token_other_sites_and_rebound_host_names_are_refused() {
+    let rx = Receiver::start();
+    let cfg = format!(
+        "[delivery]\nallow_private_targets = true\n\n{}",
+        webhook(W1, CLIENT_A, &rx.url("/ok/w1"), r#"["*"]"#)
+    );
+    let d = Daemon::start("", &cfg);
+    let port = d.base.rsplit(':').next().unwrap().to_owned();
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let pause = format!("{}/v1/webhooks/{W1}/pause", d.base);
+    let post = |headers: &[(&str, String)]| {
+        let mut r = agent.post(&pause);
+        for (name, value) in headers {
+            r = r.header(*name, value);
+        }
+        r.send_empty().unwrap().status().as_u16()
+    };
+    // What a page on another site makes the browser send, and a host name
+    // rebound to 127.0.0.1: refused, and nothing changes.
+    for headers in [
+        vec![("origin", "http://localhost:19200".to_owned())],
+        vec![("origin", "null".to_owned())],
+        vec![("sec-fetch-site", "cross-site".to_owned())],
+        vec![("sec-fetch-site", "same-site".to_owned())],
+        vec![("host", format!("attacker.example:{port}"))],
+    ] {
+        assert_eq!(post(&headers), 403, "{headers:?}");
+    }
+    let (_, w) = d.get(&format!("/v1/webhooks/{W1}"));
+    assert_eq!(w["state"], "active");
+    let read = agent.get(format!("{}/v1/webhooks", d.base)).header("host", "rebound.example").call().unwrap();
+    assert_eq!(read.status(), 403);
+    // The console's own requests, and clients that are not browsers, go through.
+    let own =
+        vec![("origin", format!("http://127.0.0.1:{port}")), ("sec-fetch-site", "same-origin".to_owned())];
+    assert_eq!(post(&own), 200);
+    assert_eq!(post(&[("host", format!("localhost:{port}"))]), 200);
+    assert_eq!(d.post(&format!("/v1/webhooks/{W1}/resume"), "").0, 200);
+}
