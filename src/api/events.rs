@@ -6,7 +6,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -172,22 +173,35 @@ pub async fn list(
 }
 
 /// `GET /v1/events/{event_id}`.
-pub async fn show(
-    State(state): State<AppState>,
-    Path(event_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+pub async fn show(State(state): State<AppState>, Path(event_id): Path<String>) -> Result<Response, ApiError> {
     let (event, deliveries) = find(&state, &event_id).await?;
-    let deliveries: Vec<Value> = deliveries.iter().map(|(_, d)| delivery_json(d)).collect();
-    let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-    Ok(Json(json!({
-        "event_id": event.event_id,
-        "event_type": event.event_type.as_str(),
-        "client_id": event.client_id,
-        "timestamp": clock::format_ms(event.timestamp_ms),
-        "test": event.test,
-        "data": data,
-        "deliveries": deliveries,
-    })))
+    /// The event as stored: `data` is the application's text, as delivered
+    /// (read into a JSON value it could change: `1e400` became `null`, long
+    /// integers floats, and a repeated key lost one of its values).
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        event_id: Uuid,
+        event_type: &'static str,
+        client_id: Uuid,
+        timestamp: String,
+        test: bool,
+        data: &'a RawValue,
+        deliveries: Vec<Value>,
+    }
+    let data: &RawValue = serde_json::from_str(&event.data).map_err(|e| StoreError::Corrupt {
+        key: format!("event {}", event.event_id),
+        reason: format!("data is not JSON: {e}"),
+    })?;
+    let shown = Shown {
+        event_id: event.event_id,
+        event_type: event.event_type.as_str(),
+        client_id: event.client_id,
+        timestamp: clock::format_ms(event.timestamp_ms),
+        test: event.test,
+        data,
+        deliveries: deliveries.iter().map(|(_, d)| delivery_json(d)).collect(),
+    };
+    Ok(Json(shown).into_response())
 }
 
 #[derive(Deserialize)]

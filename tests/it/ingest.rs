@@ -68,7 +68,17 @@ fn data_that_json_values_cannot_hold_is_never_taken_for_a_duplicate() {
         assert_error(&d.post("/v1/events", &event_json(id, other)), 409, "event_id_conflict");
         let again = d.post("/v1/events", &event_json(id, first));
         assert_eq!(again.0, 200, "the same bytes again are the same event: {}", again.1);
+        // Shown as stored (and delivered), not as a JSON value would hold it.
+        let mut shown = ureq::get(format!("{}/v1/events/{id}", d.base)).call().unwrap();
+        let text = shown.body_mut().read_to_string().unwrap();
+        assert!(text.contains(&format!(r#""data":{first}"#)), "{first} shown as {text}");
     }
+    let (_, sent) =
+        d.post("/v1/events", &event_json(EID, r#"{"i":123456789012345678901234567890,"a":1,"a":2}"#));
+    let mut shown =
+        ureq::get(format!("{}/v1/events/{}", d.base, sent["event_id"].as_str().unwrap())).call().unwrap();
+    let text = shown.body_mut().read_to_string().unwrap();
+    assert!(text.contains(r#""data":{"i":123456789012345678901234567890,"a":1,"a":2}"#), "{text}");
 }
 
 #[test]
