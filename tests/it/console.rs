@@ -181,7 +181,7 @@ fn hostile_event_data_is_shown_as_text_and_runs_nothing() {
     );
     // No token on loopback: the console opens directly.
     let d = Daemon::start("", &cfg);
-    let hostile = r#"{"img":"<img src=x onerror=alert(1)>","script":"</script><script>alert(2)</script>","href":"javascript:alert(3)"}"#;
+    let hostile = r#"{"img":"<img src=x onerror=alert(1)>","script":"</script><script>alert(2)</script>","href":"javascript:alert(3)","bidi":"click\u202egnp.exe"}"#;
     let (status, sent) = d.send("meeting.scheduled", CLIENT_A, hostile);
     assert_eq!(status, 202, "{sent}");
     let id = sent["event_id"].as_str().unwrap().to_owned();
@@ -203,7 +203,14 @@ fn hostile_event_data_is_shown_as_text_and_runs_nothing() {
             c.find(Locator::Css("#envelope img, #page script")).await.is_err(),
             "no element made of the data"
         );
+        assert!(shown.contains(r"click\u202egnp.exe"), "a bidi control is written out: {shown}");
         assert_eq!(open_dialog(c).await, None, "no dialog opened");
+        // A big event's page shows its start, and says so.
+        let big = format!(r#"{{"a":[{}0]}}"#, "0,".repeat(200_000));
+        let (status, sent) = d.send("meeting.scheduled", CLIENT_A, &big);
+        assert_eq!(status, 202, "{sent}");
+        c.goto(&format!("{ui}#/event/{}", sent["event_id"].as_str().unwrap())).await.unwrap();
+        text_until(c, "#envelope", |t| t.contains("the first 65536 of")).await;
     });
 }
 

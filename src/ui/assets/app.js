@@ -9,6 +9,9 @@
 
 const TOKEN_KEY = 'nexor-webhookd-token';
 const STATUSES = ['pending', 'retrying', 'succeeded', 'failed', 'cancelled', 'held'];
+// An envelope longer than this is cut on its page: laying out a
+// megabyte-long <pre> froze the tab for ten seconds.
+const ENVELOPE_SHOWN = 64 * 1024;
 const $ = (selector) => document.querySelector(selector);
 
 class Unauthorized extends Error {}
@@ -50,6 +53,13 @@ function notice(text, kind) {
   const n = $('#notice');
   n.className = kind || '';
   n.replaceChildren(...[text].flat());
+}
+
+/** `text` with its bidirectional controls written out (`\u202e`), so that
+ *  data cannot reorder what is shown (`exe.png` that is really `png.exe`). */
+function visible(text) {
+  return String(text).replace(/[\u200e\u200f\u202a-\u202e\u2066-\u2069]/g,
+    (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
 }
 
 function when(rfc3339) {
@@ -170,7 +180,9 @@ async function webhooksPage() {
   return el('div', {},
     el('h1', {}, 'Webhooks'),
     el('p', { class: 'muted' }, 'Configured in the TOML file; secrets are never shown.'),
-    table(['Webhook', 'Client', 'URL', 'Events', 'State', 'Health', ''], rows, { id: 'webhooks' }));
+    rows.length
+      ? table(['Webhook', 'Client', 'URL', 'Events', 'State', 'Health', ''], rows, { id: 'webhooks' })
+      : el('p', { id: 'no-webhooks' }, 'No webhooks are configured: add them to the TOML file and reload.'));
 }
 
 async function eventsPage(query) {
@@ -179,7 +191,15 @@ async function eventsPage(query) {
   for (const key of ['event_id', 'client_id', 'event_type', 'status', 'cursor']) {
     if (params.get(key)) shown.set(key, params.get(key));
   }
-  const page = await api('GET', '/events?' + shown.toString());
+  // Bad filter values are named by the API; the form stays to fix them.
+  let page = { events: [], next_cursor: null, searched_to: null };
+  let problem = null;
+  try {
+    page = await api('GET', '/events?' + shown.toString());
+  } catch (e) {
+    if (e instanceof Unauthorized) throw e;
+    problem = el('p', { class: 'error', role: 'alert', id: 'filter-error' }, e.message);
+  }
   const field = (name, label, attrs) => el('label', {}, label, el('input', { name, value: params.get(name) || '', ...attrs }));
   const status = el('select', { name: 'status' }, el('option', { value: '' }, 'any'),
     STATUSES.map((s) => el('option', { value: s, selected: params.get('status') === s }, s)));
@@ -216,6 +236,7 @@ async function eventsPage(query) {
   return el('div', {},
     el('h1', {}, 'Events'),
     form,
+    problem,
     page.events.length ? table(['Time', 'Event', 'Type', 'Client', 'Deliveries'], rows, { id: 'events' })
       : el('p', { class: 'muted', id: 'no-events' }, 'No events here.'),
     el('p', { class: 'pager' }, searched, ' ', more));
@@ -227,9 +248,13 @@ async function eventPage(id) {
     event_type: e.event_type, event_id: e.event_id, client_id: e.client_id,
     timestamp: e.timestamp, test: e.test, data: e.data,
   };
+  let shown = JSON.stringify(envelope, null, 2);
+  if (shown.length > ENVELOPE_SHOWN) {
+    shown = shown.slice(0, ENVELOPE_SHOWN) + `\n… the first ${ENVELOPE_SHOWN} of ${shown.length} characters; the API has it all (GET /v1/events/${e.event_id}).`;
+  }
   const redeliver = actionButton('Redeliver', { id: 'redeliver' }, async () => {
     const r = await api('POST', `/events/${encodeURIComponent(id)}/redeliver`);
-    notice(`${r.requeued} failed or cancelled deliveries queued again` + (r.skipped_disabled ? `; ${r.skipped_disabled} to disabled webhooks skipped.` : '.'));
+    notice(`${r.requeued} failed or cancelled deliveries queued again` + (r.skipped_disabled ? `; ${r.skipped_disabled} to removed or disabled webhooks skipped.` : '.'));
     await route();
   });
   const deliveries = e.deliveries.map((d) => el('section', { class: 'delivery', 'data-webhook': d.webhook_id },
@@ -242,18 +267,21 @@ async function eventPage(id) {
         el('td', {}, a.status_code === undefined ? '–' : a.status_code),
         el('td', {}, a.error || ''),
         el('td', {}, a.duration_ms + ' ms'),
-        el('td', {}, el('code', {}, a.response_body)))), { class: 'attempts' })
+        el('td', {}, el('code', {}, visible(a.response_body))))), { class: 'attempts' })
       : el('p', { class: 'muted' }, 'Not attempted yet.')));
   return el('div', {},
     el('h1', {}, 'Event ', el('span', { class: 'mono' }, e.event_id)),
     el('p', {}, redeliver, ' sends every failed or cancelled delivery again, with a new delivery id.'),
     el('h2', {}, 'Envelope'),
-    el('pre', { id: 'envelope' }, JSON.stringify(envelope, null, 2)),
+    el('pre', { id: 'envelope' }, visible(shown)),
     deliveries.length ? deliveries : el('p', { class: 'muted' }, 'No webhook was subscribed.'));
 }
 
 async function recoverPage() {
   const { webhooks } = await api('GET', '/webhooks');
+  if (!webhooks.length) {
+    return el('div', {}, el('h1', {}, 'Recover'), el('p', { id: 'no-webhooks' }, 'No webhooks are configured.'));
+  }
   const hourAgo = new Date(Date.now() - 3600e3).toISOString().replace(/\.\d+Z$/, 'Z');
   const form = el('form', { id: 'recover', class: 'filters' },
     el('label', {}, 'Webhook', el('select', { name: 'webhook' }, webhooks.map((w) => el('option', { value: w.id }, `${w.id} · ${w.url}`)))),
@@ -330,6 +358,8 @@ document.addEventListener('DOMContentLoaded', () => {
   });
   $('#signout').addEventListener('click', () => {
     sessionStorage.removeItem(TOKEN_KEY);
+    // A page still loading must not show up after this.
+    shownRoute++;
     showLogin();
   });
   window.addEventListener('hashchange', () => {
