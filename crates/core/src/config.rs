@@ -587,6 +587,18 @@ pub fn parse(text: &str, base: &Path, outside: &dyn Outside) -> Result<Config, V
         (None, Some(f)) => read_secret_file(&mut c, f, base, "api_token_file").map(Secret),
         (None, None) => c.outside.var(TOKEN_ENV).filter(|t| !t.is_empty()).map(Secret),
     };
+    // It travels in an HTTP header, which carries ASCII: `tök` could never
+    // match what a client sends. (The token itself is never echoed.)
+    let api_token = api_token.and_then(|t| {
+        let text = t.expose();
+        if text.bytes().all(|b| (0x20..0x7f).contains(&b)) && text.trim() == text {
+            return Some(t);
+        }
+        let span = (raw.server.api_token.as_ref().map(|v| v.span()))
+            .or_else(|| raw.server.api_token_file.as_ref().map(|f| f.span()))
+            .unwrap_or(0..0);
+        c.fail(span, "the API token may hold only printable ASCII, with no space at either end (it travels in an HTTP header)")
+    });
     if let (Some(addr), None) = (listen, &api_token) {
         if !addr.ip().is_loopback() {
             let span = raw.server.listen.as_ref().map(|v| v.span()).unwrap_or(0..0);
@@ -1359,6 +1371,16 @@ events = ["meeting.scheduled"]
         assert_eq!(tricky, "http://example.com/@127.0.0.1/");
         assert!(tricky.parse::<http::Uri>().is_ok());
         assert_eq!(url_of("HTTP://Example.COM:80/a b").as_deref(), Some("http://example.com/a%20b"));
+    }
+
+    #[test]
+    fn an_api_token_that_no_http_header_can_carry_is_refused_without_echoing_it() {
+        for token in ["t\u{f6}k-secret", " padded-secret", "tab\\there-secret"] {
+            let text = GOOD.replace("[server]\n", &format!("[server]\napi_token = \"{token}\"\n"));
+            let all = format!("{:?}", parse(&text, Path::new(".")).unwrap_err());
+            assert!(all.contains("printable ASCII"), "{token:?}: {all}");
+            assert!(!all.contains("secret"), "the token is not echoed: {all}");
+        }
     }
 
     #[test]
