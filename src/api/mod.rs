@@ -58,12 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/test", post(events::test_send))
         .route("/storage/backup", post(storage::backup))
         .route("/overview", get(overview::overview))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        // Answers carry event data: no cache may keep them.
-        .layer(middleware::map_response(|mut r: Response| async {
-            crate::ui::no_store(r.headers_mut());
-            r
-        }));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     // The body limit is fixed at start; a reload that changes it says so.
     let max_body = state.config.get().server.max_body;
     Router::new()
@@ -72,6 +67,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::ui::router())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        // Answers carry event data and state: no cache may keep them.
+        .layer(middleware::map_response(|mut r: Response| async {
+            crate::ui::no_store(r.headers_mut());
+            r
+        }))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -157,12 +157,14 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         }
         return next.run(req).await;
     };
+    // The scheme's name is case-insensitive (RFC 9110 section 11.1).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token);
     if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
             .into_response();

@@ -246,6 +246,10 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_is_cached() {
         let elsewhere = body.replace("http://www.w3.org/2000/svg", "").contains("://");
         assert!(!body.contains("<script>") && !body.contains("style=") && !elsewhere, "{path}");
     }
+    // Nor the daemon's other answers.
+    for path in ["/healthz", "/metrics", "/no-such-thing"] {
+        assert_eq!(get(path).headers()["cache-control"], "no-store", "{path}");
+    }
     // The API's answers, a refusal too, are not to be cached either.
     for token in [None, Some(TOKEN)] {
         let mut req = agent.get(format!("{}/v1/overview", d.base));

@@ -241,6 +241,11 @@ fn an_api_off_loopback_needs_a_token() {
     wait_for("the daemon", SETTLE, || agent.get(&url).call().is_ok());
     assert_eq!(agent.get(&url).call().unwrap().status(), 401);
     assert_eq!(agent.get(&url).header("Authorization", "Bearer file-token").call().unwrap().status(), 200);
+    // The scheme's name in any case; the token exactly.
+    assert_eq!(agent.get(&url).header("Authorization", "bearer file-token").call().unwrap().status(), 200);
+    for wrong in ["Bearer File-token", "Bearer  file-token", "Basic file-token", "file-token"] {
+        assert_eq!(agent.get(&url).header("Authorization", wrong).call().unwrap().status(), 401, "{wrong}");
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 }

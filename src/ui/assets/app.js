@@ -36,12 +36,16 @@ async function api(method, path, body) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = 'Bearer ' + token;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
+  // A daemon that does not answer says so, instead of leaving the page as it was.
   const response = await fetch('/v1' + path, {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
     cache: 'no-store',
     credentials: 'omit',
+    signal: AbortSignal.timeout(20000),
+  }).catch((e) => {
+    throw new Error(e.name === 'TimeoutError' ? 'The daemon did not answer within 20 s.' : 'The daemon cannot be reached: ' + e.message);
   });
   const data = await response.json().catch(() => ({}));
   if (response.status === 401) throw new Unauthorized();
