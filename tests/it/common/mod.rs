@@ -623,7 +623,8 @@ impl Conn {
     /// came within `limit` (the connection was closed, or nothing came).
     pub fn request(&mut self, method: &str, path: &str, body: &str, limit: Duration) -> Option<(u16, Value)> {
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.0.peer_addr().unwrap(),
             body.len()
         );
         self.write(format!("{head}{body}").as_bytes()).ok()?;
