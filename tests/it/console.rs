@@ -41,6 +41,14 @@ fn wait_status(d: &Daemon, event_id: &str, status: &str) {
     });
 }
 
+/// Sends a `meeting.scheduled` event for `client` with the token; its id.
+fn send_with_token(d: &Daemon, client: &str) -> String {
+    let body = format!(r#"{{"event_type":"meeting.scheduled","client_id":"{client}","data":{{}}}}"#);
+    let (status, sent) = d.request("POST", "/v1/events", Some(TOKEN), Some(body.as_bytes()));
+    assert_eq!(status, 202, "{sent}");
+    sent["event_id"].as_str().unwrap().to_owned()
+}
+
 async fn click(c: &Client, css: &str) {
     find(c, css).await.click().await.unwrap_or_else(|e| panic!("clicking {css}: {e}"));
 }
@@ -89,16 +97,7 @@ fn an_operator_signs_in_tests_redelivers_pauses_and_resumes_from_the_browser() {
         text_until(c, "#envelope", |t| t.contains(&event_id)).await;
 
         // Redeliver sends a failed delivery again, with a new delivery id.
-        let (_, sent) = d.request(
-            "POST",
-            "/v1/events",
-            Some(TOKEN),
-            Some(
-                format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_B}","data":{{}}}}"#)
-                    .as_bytes(),
-            ),
-        );
-        let failed = sent["event_id"].as_str().unwrap().to_owned();
+        let failed = send_with_token(&d, CLIENT_B);
         wait_status(&d, &failed, "failed");
         c.goto(&format!("{ui}#/events?status=failed")).await.unwrap();
         click(c, &format!("tr[data-event='{failed}'] a")).await;
@@ -118,16 +117,7 @@ fn an_operator_signs_in_tests_redelivers_pauses_and_resumes_from_the_browser() {
         click(c, &format!("tr[data-webhook='{W1}'] button[data-action=pause]")).await;
         text_until(c, &format!("tr[data-webhook='{W1}'] .badge"), |t| t == "paused").await;
         assert_eq!(webhook_state(&d, W1), "paused");
-        let (_, sent) = d.request(
-            "POST",
-            "/v1/events",
-            Some(TOKEN),
-            Some(
-                format!(r#"{{"event_type":"meeting.scheduled","client_id":"{CLIENT_A}","data":{{}}}}"#)
-                    .as_bytes(),
-            ),
-        );
-        let held = sent["event_id"].as_str().unwrap().to_owned();
+        let held = send_with_token(&d, CLIENT_A);
         wait_status(&d, &held, "held");
         assert_eq!(rx.hits_on("/ok/w1").len(), 1, "nothing sent while paused");
         click(c, &format!("tr[data-webhook='{W1}'] button[data-action=resume]")).await;

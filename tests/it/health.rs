@@ -22,6 +22,33 @@ fn delivery_status(d: &Daemon, event_id: &str) -> String {
     d.event(event_id)["deliveries"][0]["status"].as_str().unwrap().to_owned()
 }
 
+/// A webhook's TOML with `settings` of its own (lines such as `rate_limit = 1`).
+fn with_settings(webhook: String, settings: &str) -> String {
+    webhook.replacen("events =", &format!("{settings}\nevents ="), 1)
+}
+
+/// A config of W1 (client A, every event) sending to `url`, with
+/// `settings` of its own and `delivery` lines for `[delivery]`.
+fn one_webhook(delivery: &str, url: &str, settings: &str) -> String {
+    let w1 = with_settings(webhook(W1, CLIENT_A, url, r#"["*"]"#), settings);
+    format!("[delivery]\n{delivery}allow_private_targets = true\n\n{w1}")
+}
+
+/// Sends `per_client` events from each of four clients at once (one
+/// thread each): a backlog fast.
+fn send_concurrently(d: &Daemon, per_client: u32) {
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || (0..per_client).for_each(|n| drop(send(d, t * 1000 + n))));
+        }
+    });
+}
+
+/// W1's deliveries counted by status, from `GET /v1/webhooks`.
+fn counts(d: &Daemon) -> Value {
+    listed(d, W1)["health"]["deliveries"].clone()
+}
+
 fn send(d: &Daemon, n: u32) -> String {
     let (status, body) = d.send("meeting.scheduled", CLIENT_A, &format!(r#"{{"n":{n}}}"#));
     assert_eq!(status, 202, "{body}");
@@ -141,11 +168,7 @@ fn per_webhook_limits_headers_and_timeout_apply_to_that_webhook_only() {
     const W4: &str = "44444444-4444-4444-8444-444444444444";
     let rx = Receiver::start();
     let with = |id: &str, path: &str, extra: &str| {
-        webhook(id, CLIENT_A, &rx.url(path), r#"["*"]"#).replacen(
-            "events =",
-            &format!("{extra}\nevents ="),
-            1,
-        )
+        with_settings(webhook(id, CLIENT_A, &rx.url(path), r#"["*"]"#), extra)
     };
     let rest = format!(
         "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}{}{}",
@@ -188,14 +211,7 @@ fn per_webhook_limits_headers_and_timeout_apply_to_that_webhook_only() {
 #[test]
 fn a_rate_limited_webhook_spreads_its_attempts_and_loses_none() {
     let rx = Receiver::start();
-    let rest = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/ok/limited"), r#"["*"]"#).replacen(
-            "events =",
-            "rate_limit = 4\nevents =",
-            1
-        )
-    );
+    let rest = one_webhook("", &rx.url("/ok/limited"), "rate_limit = 4");
     let d = Daemon::start("", &rest);
     let events: Vec<String> = (0..12).map(|n| send(&d, n)).collect();
     for e in &events {
@@ -250,22 +266,8 @@ fn a_pause_and_a_resume_sent_together_leave_nothing_held_on_an_active_webhook() 
     let rx = Receiver::start();
     // One attempt at a time behind a closed gate: the rest wait, more than
     // a thousand (the hold goes a thousand deliveries per store request).
-    let rest = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/gate/w1"), r#"["*"]"#).replacen(
-            "events =",
-            "max_in_flight = 1\nevents =",
-            1
-        )
-    );
-    let d = Daemon::start("", &rest);
-    std::thread::scope(|s| {
-        for t in 0..4 {
-            let d = &d;
-            s.spawn(move || (0..300).for_each(|n| drop(send(d, t * 1000 + n))));
-        }
-    });
-    let counts = |d: &Daemon| listed(d, W1)["health"]["deliveries"].clone();
+    let d = Daemon::start("", &one_webhook("", &rx.url("/gate/w1"), "max_in_flight = 1"));
+    send_concurrently(&d, 300);
     // The resume goes a little after the pause, at a few distances (sleeps
     // that make the race; they wait for nothing).
     for gap_ms in [0, 1, 2, 4] {
@@ -292,21 +294,8 @@ fn an_operator_resume_right_after_a_gone_answer_leaves_nothing_held() {
     // The first attempt waits at a closed gate while thousands of
     // deliveries wait behind it; let through, it gets 410, which pauses
     // the webhook and holds the rest; then the receiver is fine.
-    let rest = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/once/410/gate/w1"), r#"["*"]"#).replacen(
-            "events =",
-            "max_in_flight = 1\nevents =",
-            1
-        )
-    );
-    let d = Daemon::start("", &rest);
-    std::thread::scope(|s| {
-        for t in 0..4 {
-            let d = &d;
-            s.spawn(move || (0..750).for_each(|n| drop(send(d, t * 1000 + n))));
-        }
-    });
+    let d = Daemon::start("", &one_webhook("", &rx.url("/once/410/gate/w1"), "max_in_flight = 1"));
+    send_concurrently(&d, 750);
     rx.set_gate(true);
     // An operator resumes as soon as the pause shows, while the daemon may
     // still be holding the rest. (Asked without a pause between polls: the
@@ -316,7 +305,6 @@ fn an_operator_resume_right_after_a_gone_answer_leaves_nothing_held() {
         assert!(started.elapsed() < SETTLE, "the gone answer did not pause the webhook");
     }
     assert_eq!(d.post(&format!("/v1/webhooks/{W1}/resume"), "").0, 200);
-    let counts = |d: &Daemon| listed(d, W1)["health"]["deliveries"].clone();
     wait_for("every delivery made", Duration::from_secs(60), || counts(&d)["succeeded"] == 3000);
     assert_eq!(listed(&d, W1)["state"], "active");
 }
@@ -397,13 +385,10 @@ fn an_in_order_webhook_gets_one_delivery_at_a_time_in_ingest_order_through_retri
     let rx = Receiver::start();
     // Each event's first two attempts fail: without ordering, the second
     // event's attempts would go while the first waits for its retry.
-    let rest = format!(
-        "[delivery]\nretry_schedule = [\"100ms\", \"100ms\", \"100ms\"]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/each/2/fifo"), r#"["*"]"#).replacen(
-            "events =",
-            "ordering = \"fifo\"\nevents =",
-            1
-        )
+    let rest = one_webhook(
+        "retry_schedule = [\"100ms\", \"100ms\", \"100ms\"]\n",
+        &rx.url("/each/2/fifo"),
+        "ordering = \"fifo\"",
     );
     let mut d = Daemon::start("", &rest);
     let mut events: Vec<String> = (0..4).map(|n| send(&d, n)).collect();
@@ -428,14 +413,7 @@ fn an_in_order_webhook_gets_one_delivery_at_a_time_in_ingest_order_through_retri
 #[test]
 fn a_resumed_rate_limited_webhook_sends_its_held_deliveries_oldest_first() {
     let rx = Receiver::start();
-    let rest = format!(
-        "[delivery]\nallow_private_targets = true\n\n{}",
-        webhook(W1, CLIENT_A, &rx.url("/ok/limited"), r#"["*"]"#).replacen(
-            "events =",
-            "rate_limit = 1\nevents =",
-            1
-        )
-    );
+    let rest = one_webhook("", &rx.url("/ok/limited"), "rate_limit = 1");
     let d = Daemon::start("", &rest);
     let mut events: Vec<String> = (0..6).map(|n| send(&d, n)).collect();
     // One a second: pause once two are in, while the rest wait for tokens.

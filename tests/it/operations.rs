@@ -340,15 +340,21 @@ fn webhook_health_and_the_delivery_log_paginate_newest_first() {
     assert_eq!(d.get(&format!("/v1/webhooks/{W1}/deliveries?limit=0")).0, 422);
 }
 
-#[test]
-fn events_are_listed_newest_first_with_filters_and_cursors() {
-    let rx = Receiver::start();
+/// W1 for client A, whose first delivery fails (no retries), and W2 for
+/// client B; both take every event.
+fn two_clients(rx: &Receiver) -> Daemon {
     let cfg = format!(
         "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
         webhook(W1, CLIENT_A, &rx.url("/flaky/1/a"), r#"["*"]"#),
         webhook(W2, CLIENT_B, &rx.url("/ok/b"), r#"["*"]"#),
     );
-    let d = Daemon::start("", &cfg);
+    Daemon::start("", &cfg)
+}
+
+#[test]
+fn events_are_listed_newest_first_with_filters_and_cursors() {
+    let rx = Receiver::start();
+    let d = two_clients(&rx);
     // A's first event fails (its only try), the rest succeed.
     let sends = [
         ("meeting.scheduled", CLIENT_A),
@@ -407,12 +413,7 @@ fn events_are_listed_newest_first_with_filters_and_cursors() {
 #[test]
 fn the_overview_counts_the_last_hour_and_shows_what_is_due_and_paused() {
     let rx = Receiver::start();
-    let cfg = format!(
-        "[delivery]\nretry_schedule = []\nallow_private_targets = true\n\n{}{}",
-        webhook(W1, CLIENT_A, &rx.url("/flaky/1/a"), r#"["*"]"#),
-        webhook(W2, CLIENT_B, &rx.url("/ok/b"), r#"["*"]"#),
-    );
-    let d = Daemon::start("", &cfg);
+    let d = two_clients(&rx);
     let (status, empty) = d.get("/v1/overview");
     assert_eq!(status, 200, "{empty}");
     assert_eq!(empty["last_hour"]["success_rate"], Value::Null);
