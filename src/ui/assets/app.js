@@ -80,6 +80,12 @@ function table(headings, rows, attrs) {
     el('tbody', {}, rows));
 }
 
+/** What a failed action shows: the sign-in form if the token was refused, else why. */
+function actionFailed(e) {
+  if (e instanceof Unauthorized) showLogin();
+  else notice(e.message, 'error');
+}
+
 /** A button that runs `action`, disabled while it runs, then shows what it said. */
 function actionButton(label, attrs, action) {
   const b = el('button', { type: 'button', ...attrs }, label);
@@ -88,8 +94,7 @@ function actionButton(label, attrs, action) {
     try {
       await action();
     } catch (e) {
-      if (e instanceof Unauthorized) return showLogin();
-      notice(e.message, 'error');
+      actionFailed(e);
     } finally {
       b.disabled = false;
     }
@@ -299,8 +304,7 @@ async function recoverPage() {
       const r = await api('POST', `/webhooks/${data.get('webhook')}/recover?${q}`);
       notice(`${r.requeued} failed deliveries since ${when(r.since)} queued again.`);
     } catch (e) {
-      if (e instanceof Unauthorized) return showLogin();
-      notice(e.message, 'error');
+      actionFailed(e);
     }
   });
   return el('div', {},
